@@ -108,6 +108,10 @@ class SharedCache:
         """Empty a block, keeping its capacity for reuse."""
         block.token_ids = []
 
+    def truncate(self, block: Block, length: int) -> None:
+        """Drop the tokens after the first ``length`` (their K/V become spare capacity)."""
+        del block.token_ids[length:]
+
     def reserve(self, block: Block, length: int) -> None:
         """Make room for ``length`` tokens, doubling the capacity (one copy, amortised)."""
         if length <= block.capacity:

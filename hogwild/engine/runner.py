@@ -24,6 +24,42 @@ class WorkerStep:
     view: list[Block]
 
 
+def plan_pass(
+    steps: list[WorkerStep],
+    inv_freq: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    reference: bool = False,
+) -> PassPlan:
+    """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks.
+
+    Blocks are read as they were before the pass (a worker sees the others' tokens of this pass
+    only from the next pass on); the own block also shows the worker's new tokens, causally.
+    """
+    writers: set[int] = set()
+    rows = []
+    for step in steps:
+        if not step.token_ids:
+            raise InputError("every worker in a pass needs at least one new token")
+        own = step.view[-1]
+        if own.id in writers:
+            raise InputError(f"block {own.name!r} is written by two workers in one pass")
+        writers.add(own.id)
+        entries, offset = [], 0
+        for j, block in enumerate(step.view):
+            visible = block.length + (len(step.token_ids) if j == len(step.view) - 1 else 0)
+            entries.append(ViewEntry(block, offset, visible))
+            offset += visible
+        if offset > max_positions:
+            raise ContextOverflowError(
+                f"a worker's view would hold {offset} tokens, more than the model's context of {max_positions}"
+            )
+        rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
+    return PassPlan(rows, inv_freq, scaling, dtype, device, reference)
+
+
 class PassCache:
     """The cache object transformers sees during one pass: it stores the new K/V of each row in
     that row's own block (padding is never stored) and hands them on unchanged."""
@@ -60,30 +96,8 @@ class Runner:
         return cls(model, cache)
 
     def plan(self, steps: list[WorkerStep], reference: bool = False) -> PassPlan:
-        """Lay out the pass: block offsets in each view, lengths seen, and the context check."""
-        writers: set[int] = set()
-        rows = []
-        for step in steps:
-            if not step.token_ids:
-                raise InputError("every worker in a pass needs at least one new token")
-            own = step.view[-1]
-            if own.id in writers:
-                raise InputError(f"block {own.name!r} is written by two workers in one pass")
-            writers.add(own.id)
-            entries, offset = [], 0
-            for j, block in enumerate(step.view):
-                visible = block.length + (len(step.token_ids) if j == len(step.view) - 1 else 0)
-                entries.append(ViewEntry(block, offset, visible))
-                offset += visible
-            if offset > self.model.max_positions:
-                raise ContextOverflowError(
-                    f"a worker's view would hold {offset} tokens, more than the model's context of "
-                    f"{self.model.max_positions}"
-                )
-            rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
-        return PassPlan(
-            rows, self.model.inv_freq, self.model.scaling, self.model.dtype, self.model.device, reference
-        )
+        m = self.model
+        return plan_pass(steps, m.inv_freq, m.scaling, m.dtype, m.device, m.max_positions, reference)
 
     @torch.inference_mode()
     def forward(self, steps: list[WorkerStep], reference: bool = False) -> torch.Tensor:

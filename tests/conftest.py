@@ -1,0 +1,24 @@
+"""Shared fixtures: the embedded model is loaded once per test session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: unknown ids must fail fast
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def model():
+    from hogwild import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture
+def runner(model):
+    from hogwild import Runner
+
+    return Runner.for_model(model)
