@@ -141,8 +141,21 @@ class SharedCache:
 
     def append_block(self, dst: Block, src: Block) -> None:
         """Append src's tokens to dst: keys rotated once by dst's length (RoPE rotations add)."""
-        start, n = dst.length, src.length
+        self.move_prefix(dst, src, src.length)
+
+    def move_prefix(self, dst: Block, src: Block, n: int) -> None:
+        """Move src's first n tokens to the end of dst; src keeps the rest from position 0.
+
+        Moved keys are rotated by dst's length, kept keys by -n: one rotation each, no recompute.
+        Used when a finished step goes into the history while the next step's header, fed in the
+        same pass, stays in the worker's block.
+        """
+        start, rest = dst.length, src.length - n
         self.reserve(dst, start + n)
         dst.keys[:, :, start : start + n] = rotate_by(src.keys[:, :, :n], self.inv_freq, start)
         dst.values[:, :, start : start + n] = src.values[:, :, :n]
-        dst.token_ids.extend(src.token_ids)
+        dst.token_ids.extend(src.token_ids[:n])
+        if rest:
+            src.keys[:, :, :rest] = rotate_by(src.keys[:, :, n : n + rest], self.inv_freq, -n)
+            src.values[:, :, :rest] = src.values[:, :, n : n + rest].clone()
+        del src.token_ids[:n]

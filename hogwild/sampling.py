@@ -35,12 +35,19 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(0 if seed is None else seed)
 
-    def __call__(self, logits: torch.Tensor, extra_banned: tuple[int, ...] = ()) -> list[int]:
-        p = self.params
+    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float().clone()
-        banned = list(p.banned_token_ids) + list(extra_banned)
-        if banned:
-            logits[:, banned] = float("-inf")
+        if self.params.banned_token_ids:
+            logits[:, list(self.params.banned_token_ids)] = float("-inf")
+        return logits
+
+    def greedy(self, logits: torch.Tensor) -> list[int]:
+        """Argmax over the allowed tokens, whatever the temperature."""
+        return self._allowed(logits).argmax(-1).tolist()
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        p = self.params
+        logits = self._allowed(logits)
         if p.temperature == 0:
             return logits.argmax(-1).tolist()
         logits = logits / p.temperature

@@ -1,0 +1,113 @@
+"""The public entry point: ``Engine`` loads a model once and solves problems with it.
+
+``solve`` returns a Result; ``stream`` yields typed events as they happen (tokens, finished steps,
+snapshots, the answer, and last a DoneEvent carrying the Result).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from functools import cached_property
+
+import torch
+
+from ..errors import HogwildError
+from ..model import LoadedModel, load_model
+from ..protocol.prompts import ProtocolConfig
+from ..sampling import SamplingParams
+from .events import DoneEvent, Event, Result
+from .runner import Runner
+from .session import Session, SolveConfig
+
+
+class Engine:
+    """A loaded model, its shared cache and the collaboration protocol.
+
+    >>> engine = Engine.from_pretrained()            # the embedded SmolLM2-135M-Instruct
+    >>> engine.solve("What is 12 * 7?", workers=2).answer
+    """
+
+    def __init__(self, model: LoadedModel, protocol: ProtocolConfig | None = None):
+        self.model = model
+        self.protocol = protocol or ProtocolConfig()
+        self.runner = Runner.for_model(model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        protocol: ProtocolConfig | None = None,
+    ) -> Engine:
+        return cls(load_model(name_or_path, device=device, dtype=dtype), protocol)
+
+    @cached_property
+    def banned_token_ids(self) -> tuple[int, ...]:
+        """Tokens that would forge the protocol: end of turn, "</think>", "#" headings."""
+        tok = self.model.tokenizer
+        banned = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+        vocab = tok.get_vocab()
+        for text in self.protocol.banned_strings:
+            if text in vocab:
+                banned.add(vocab[text])
+        pieces = tok.batch_decode([[i] for i in range(len(tok))])
+        banned.update(i for i, piece in enumerate(pieces) if piece.lstrip(" \n").startswith("#"))
+        vocab_size = self.model.model.get_output_embeddings().weight.shape[0]
+        return tuple(sorted(i for i in banned if i < vocab_size))
+
+    def session(self, problem: str, config: SolveConfig) -> Session:
+        """A new session (not started): for drivers that batch several sessions in one pass."""
+        return Session(self.runner, problem, config, self.protocol, self.banned_token_ids)
+
+    def stream(
+        self,
+        problem: str,
+        workers: int = 2,
+        layout: str = "combined",
+        budget: int = 512,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        collab_every: int | None = None,
+        snapshots: tuple[int, ...] = (),
+    ) -> Iterator[Event]:
+        """Solve ``problem``, yielding events as they happen; the last one is a DoneEvent.
+
+        Raises InputError (a HogwildError) at once for bad input. Closing the iterator early
+        (or Ctrl-C) frees the session's cache blocks.
+        """
+        config = SolveConfig(
+            workers, layout, budget, sampling or SamplingParams(), seed, collab_every, tuple(sorted(snapshots))
+        )
+        session = self.session(problem, config)  # validates before the generator starts
+        return self._run(session)
+
+    def _run(self, session: Session) -> Iterator[Event]:
+        try:
+            session.start()
+            pending_snapshots = list(session.config.snapshots)
+            while not session.done:
+                t0 = time.perf_counter()
+                logits = self.runner.forward(session.inputs())
+                yield from session.advance(logits, time.perf_counter() - t0)
+                while pending_snapshots and (
+                    session.forward_passes >= pending_snapshots[0] or session.done
+                ):
+                    yield session.snapshot(pending_snapshots.pop(0))
+            yield DoneEvent(session.result())
+        except (KeyboardInterrupt, GeneratorExit):
+            session.interrupted = True
+            raise
+        finally:
+            session.close()
+
+    def solve(self, problem: str, **kwargs) -> Result:
+        """Solve ``problem`` and return the Result (same arguments as ``stream``)."""
+        for event in self.stream(problem, **kwargs):
+            if isinstance(event, DoneEvent):
+                return event.result
+        raise HogwildError("the run ended without a result")  # unreachable unless a driver breaks
+
+
+__all__ = ["Engine", "SolveConfig"]

@@ -1,0 +1,97 @@
+"""What a solve produces: typed events while it runs, and a Result at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HistoryStep:
+    """A finished step: ``text`` is the step as written (seeded words included, header not)."""
+
+    worker: str
+    step: int
+    text: str
+
+
+@dataclass(frozen=True)
+class WorkerText:
+    """Everything one worker wrote, step headers included, as the others saw it."""
+
+    name: str
+    text: str
+
+
+@dataclass
+class Result:
+    """The outcome of one solve. ``answer`` is None only if even the finisher gave nothing."""
+
+    answer: str | None
+    answered_by: str  # a worker's name, "finisher", or "vote" (independent workers)
+    workers: list[WorkerText]
+    history: list[HistoryStep]
+    forward_passes: int
+    tokens_generated: int
+    elapsed_s: float
+    model: str
+    layout: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, decode, finisher
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A worker generated a token; ``text`` is the new text it adds (may be empty mid-character)."""
+
+    worker: str
+    worker_index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A worker finished a step; it goes into the shared history."""
+
+    worker: str
+    worker_index: int
+    step: int
+    text: str
+
+
+@dataclass(frozen=True)
+class PassEvent:
+    """A forward pass ended (for progress bars)."""
+
+    forward_passes: int
+    tokens_generated: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class AnswerEvent:
+    r"""A final answer: written by a worker in \boxed{}, or produced by the finisher or a vote."""
+
+    answer: str | None
+    answered_by: str
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class SnapshotEvent:
+    """The answer the finisher gives at a budget of forward passes (for evaluations)."""
+
+    budget: int
+    answer: str | None
+    answered_by: str
+    forward_passes: int
+    tokens_generated: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    result: Result
+
+
+Event = TokenEvent | StepEvent | PassEvent | AnswerEvent | SnapshotEvent | DoneEvent

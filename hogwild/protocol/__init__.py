@@ -1,0 +1,1 @@
+"""The collaboration protocol: prompts, step boundaries, answers, layouts and the finisher."""
