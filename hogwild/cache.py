@@ -112,6 +112,7 @@ class SharedCache:
         """Drop the tokens after the first ``length`` (their K/V become spare capacity)."""
         del block.token_ids[length:]
 
+    @torch.no_grad()
     def reserve(self, block: Block, length: int) -> None:
         """Make room for ``length`` tokens, doubling the capacity (one copy, amortised)."""
         if length <= block.capacity:
@@ -143,6 +144,7 @@ class SharedCache:
         """Append src's tokens to dst: keys rotated once by dst's length (RoPE rotations add)."""
         self.move_prefix(dst, src, src.length)
 
+    @torch.no_grad()
     def move_prefix(self, dst: Block, src: Block, n: int) -> None:
         """Move src's first n tokens to the end of dst; src keeps the rest from position 0.
 

@@ -17,7 +17,7 @@ GROUPS = 3  # grouped-query attention: 6 query heads share 2 K/V heads
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
 
 
-def random_pass(seed: int, workers: int, dtype: torch.dtype):
+def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int = 20):
     """A cache of random shared blocks, views with shared and repeated blocks, new tokens padded."""
     g = torch.Generator().manual_seed(seed)
     cache = SharedCache(2, KV_HEADS, HEAD_DIM, INV_FREQ, dtype=dtype)
@@ -44,7 +44,7 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype):
         n_new = int(torch.randint(1, 5, (1,), generator=g))
         steps.append(WorkerStep([0] * n_new, view))
         news.append(n_new)
-    plan = plan_pass(steps, INV_FREQ, HEAD_DIM**-0.5, dtype, torch.device("cpu"), 100000)
+    plan = plan_pass(steps, INV_FREQ, HEAD_DIM**-0.5, dtype, torch.device("cpu"), 100000, gather_below=gather_below)
     # Write the new tokens' K/V as the model's cache update would (padding never stored).
     T = plan.T
     query = torch.randn(workers, KV_HEADS * GROUPS, T, HEAD_DIM, generator=g).to(dtype)
@@ -57,9 +57,10 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), workers=st.integers(1, 5))
-def test_concurrent_equals_reference_fp32(seed, workers):
-    plan, query, key, news = random_pass(seed, workers, torch.float32)
+@given(seed=st.integers(0, 10_000), workers=st.integers(1, 5), gather_below=st.sampled_from([0, 20, 1000]))
+def test_concurrent_equals_reference_fp32(seed, workers, gather_below):
+    """gather_below 0: every block read in place; 1000: all gathered; 20: a mix."""
+    plan, query, key, news = random_pass(seed, workers, torch.float32, gather_below)
     module = SimpleNamespace(layer_idx=1)
     fast, _ = concurrent_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
     ref, _ = reference_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
@@ -80,8 +81,17 @@ def test_concurrent_equals_reference_bf16(seed):
         assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 has 8 bits of mantissa
 
 
-def test_shared_block_is_one_group():
-    """A block in every view is read once: one group holds all of its (worker, entry) pairs."""
-    plan, *_ = random_pass(3, 5, torch.float32)
-    ids = [g.block.id for g in plan.groups]
+@pytest.mark.parametrize("gather_below", [0, 20])
+def test_each_block_is_read_once(gather_below):
+    """A block in several views is read once per layer: it lies in exactly one group, with all its pairs."""
+    plan, *_ = random_pass(3, 5, torch.float32, gather_below)
+    ids = [block.id for g in plan.groups for block, _ in g.segments]
     assert len(ids) == len(set(ids))
+    readers = {}
+    for row in plan.rows:
+        for entry in row.entries:
+            if entry.visible:
+                readers[entry.block.id] = readers.get(entry.block.id, 0) + 1
+    assert len(plan.pair_row) == sum(readers.values())
+    if gather_below == 0:
+        assert len(plan.groups) == len(readers)

@@ -75,7 +75,8 @@ class Engine:
         """Solve ``problem``, yielding events as they happen; the last one is a DoneEvent.
 
         Raises InputError (a HogwildError) at once for bad input. Closing the iterator early
-        (or Ctrl-C) frees the session's cache blocks.
+        frees the session's cache blocks; ``gen.throw(KeyboardInterrupt)`` ends the run and returns
+        a DoneEvent whose result has ``interrupted=True`` and the partial transcript.
         """
         config = SolveConfig(
             workers, layout, budget, sampling or SamplingParams(), seed, collab_every, tuple(sorted(snapshots))
@@ -96,9 +97,9 @@ class Engine:
                 ):
                     yield session.snapshot(pending_snapshots.pop(0))
             yield DoneEvent(session.result())
-        except (KeyboardInterrupt, GeneratorExit):
+        except KeyboardInterrupt:  # thrown in by the caller (``stream.throw``): hand back what we have
             session.interrupted = True
-            raise
+            yield DoneEvent(session.result())
         finally:
             session.close()
 

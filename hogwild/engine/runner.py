@@ -32,6 +32,7 @@ def plan_pass(
     device: torch.device,
     max_positions: int,
     reference: bool = False,
+    gather_below: int = 256,
 ) -> PassPlan:
     """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks.
 
@@ -57,7 +58,7 @@ def plan_pass(
                 f"a worker's view would hold {offset} tokens, more than the model's context of {max_positions}"
             )
         rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
-    return PassPlan(rows, inv_freq, scaling, dtype, device, reference)
+    return PassPlan(rows, inv_freq, scaling, dtype, device, reference, gather_below)
 
 
 class PassCache:
@@ -99,7 +100,7 @@ class Runner:
         m = self.model
         return plan_pass(steps, m.inv_freq, m.scaling, m.dtype, m.device, m.max_positions, reference)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cache tensors are updated in place outside passes too
     def forward(self, steps: list[WorkerStep], reference: bool = False) -> torch.Tensor:
         """One pass. Returns the logits after each worker's last new token: [len(steps), vocab]."""
         plan = self.plan(steps, reference)

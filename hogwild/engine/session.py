@@ -164,7 +164,7 @@ class Session:
         rows = []
         texts = {"history": p.history_header, "others_header": p.others_header,
                  "marker": p.unfinished_marker, "own_header": p.own_header}
-        wanted = {"combined": texts, "interleaved": {k: texts[k] for k in ("history", "own_header")},
+        wanted = {"combined": texts, "interleaved": {k: texts[k] for k in ("history", "marker", "own_header")},
                   "contiguous": {"marker": texts["marker"]}, "independent": {}}[self.layout]
         for name, text in wanted.items():
             block = self._new_block(name)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import Block
-from .rope import rotate_by, rotate_half, rotation
+from .rope import rotate_by, rotation
 
 
 @dataclass
@@ -60,16 +60,38 @@ class Row:
 
 @dataclass
 class Group:
-    """The pairs (row, entry) that read one block; their queries are rows start:end of the pass.
+    """Pairs (row, entry) that read the same keys; their queries are pairs start:end of the pass.
 
-    mask: additive [pairs, 1, T, key_len] float32 (0 or -inf), or None when everything is visible.
+    segments: the blocks read, each with how many of its keys (several small blocks are gathered
+    into one tensor per layer, a large block is read in place); mask: additive
+    [pairs, 1, T, key_len] float32 (0 or -inf), or None when every key is visible to every pair.
     """
 
-    block: Block
+    segments: list[tuple[Block, int]]
     start: int
     end: int
-    key_len: int
     mask: torch.Tensor | None
+
+    @property
+    def key_len(self) -> int:
+        return sum(n for _, n in self.segments)
+
+    def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of this layer: [kv_heads, key_len, head_dim] (a view when there is one block)."""
+        if len(self.segments) == 1:
+            block, n = self.segments[0]
+            return block.keys[layer, :, :n], block.values[layer, :, :n]
+        keys = torch.cat([b.keys[layer, :, :n] for b, n in self.segments], 1)
+        return keys, torch.cat([b.values[layer, :, :n] for b, n in self.segments], 1)
+
+
+def rotation_matrices(inv_freq: torch.Tensor, deltas: list[int], scaling: float) -> torch.Tensor:
+    """R [pairs, D, D] with x @ R = scaling * rotate(x, delta): one batched matmul per layer."""
+    cos, sin = rotation(inv_freq, torch.tensor(deltas), torch.float64)  # [P, D]
+    D = cos.shape[-1]
+    half = torch.eye(D, dtype=torch.float64).roll(D // 2, dims=1)  # x @ half = (x2, x1)
+    half[D // 2 :] *= -1  # x @ half = (-x2, x1) = rotate_half(x)
+    return scaling * (torch.diag_embed(cos) + half[None] * sin[:, None, :])
 
 
 class PassPlan:
@@ -77,7 +99,8 @@ class PassPlan:
 
     rows: the B rows of the batch; T: padded new tokens per row; scaling: softmax scale (folded
     into the query rotation); dtype/device: of queries; reference: run the spec instead of the
-    fast path.
+    fast path; gather_below: blocks with at most this many keys are gathered into one group
+    (copying a few small blocks costs less than a round of kernel launches per block).
     """
 
     def __init__(
@@ -88,50 +111,57 @@ class PassPlan:
         dtype: torch.dtype,
         device: torch.device,
         reference: bool = False,
+        gather_below: int = 256,
     ):
         self.rows = rows
         self.reference = reference
         self.T = max(r.n_new for r in rows)
         self.inv_freq = inv_freq
         self.scaling = scaling
-        T = self.T
-        t = torch.arange(T)
 
         by_block: dict[int, list[tuple[int, ViewEntry]]] = {}
         for i, row in enumerate(rows):
             for entry in row.entries:
                 if entry.visible > 0:
                     by_block.setdefault(entry.block.id, []).append((i, entry))
+        small = [pairs for pairs in by_block.values() if max(e.visible for _, e in pairs) <= gather_below]
+        large = [pairs for pairs in by_block.values() if max(e.visible for _, e in pairs) > gather_below]
+        clusters = [[pairs] for pairs in large] + ([small] if small else [])
 
-        pair_row, deltas, self.groups = [], [], []
-        for pairs in by_block.values():
-            start = len(pair_row)
-            key_len = max(e.visible for _, e in pairs)
-            query_pos, visible = [], []
+        self.pair_row_list: list[int] = []
+        deltas: list[int] = []
+        self.groups = []
+        for cluster in clusters:
+            self.groups.append(self._group(cluster, deltas, device))
+        self.pair_row = torch.tensor(self.pair_row_list, device=device)
+        self.rotation = rotation_matrices(inv_freq, deltas, scaling).to(dtype).to(device)
+
+    def _group(self, cluster: list[list[tuple[int, ViewEntry]]], deltas: list[int], device) -> Group:
+        """One group reading the blocks of ``cluster`` (each: the pairs that read one block)."""
+        t = torch.arange(self.T)
+        start = len(self.pair_row_list)
+        segments = [(pairs[0][1].block, max(e.visible for _, e in pairs)) for pairs in cluster]
+        total = sum(n for _, n in segments)
+        allowed = []
+        key_start = 0
+        for pairs, (_, key_len) in zip(cluster, segments, strict=True):
+            keys = torch.arange(total) - key_start  # local key index within this block's segment
             for i, entry in pairs:
-                row = rows[i]
+                row = self.rows[i]
                 delta = row.own_offset - entry.offset
-                pair_row.append(i)
+                self.pair_row_list.append(i)
                 deltas.append(delta)
                 # Query t sits at local position start + t (padding repeats the last real token).
-                query_pos.append(row.start + torch.clamp(t, max=row.n_new - 1) + delta)
-                visible.append(entry.visible)
-            keys = torch.arange(key_len)
-            allowed = (keys <= torch.stack(query_pos)[:, :, None]) & (
-                keys < torch.tensor(visible)[:, None, None]
-            )
-            mask = None
-            if not bool(allowed.all()):
-                mask = torch.zeros(allowed.shape, dtype=torch.float32)
-                mask.masked_fill_(~allowed, float("-inf"))
-                mask = mask[:, None].to(device)
-            self.groups.append(Group(pairs[0][1].block, start, len(pair_row), key_len, mask))
-
-        self.pair_row = torch.tensor(pair_row, device=device)
-        cos, sin = rotation(inv_freq, torch.tensor(deltas), torch.float64)
-        # [pairs, 1, 1, D]: same rotation for every head and token of a pair; scale folded in.
-        self.cos = (cos * scaling).to(dtype).to(device)[:, None, None, :]
-        self.sin = (sin * scaling).to(dtype).to(device)[:, None, None, :]
+                query_pos = row.start + torch.clamp(t, max=row.n_new - 1) + delta
+                allowed.append((keys >= 0) & (keys < entry.visible) & (keys[None, :] <= query_pos[:, None]))
+            key_start += key_len
+        allowed = torch.stack(allowed)  # [pairs, T, total]
+        mask = None
+        if not bool(allowed.all()):
+            mask = torch.zeros(allowed.shape, dtype=torch.float32)
+            mask.masked_fill_(~allowed, float("-inf"))
+            mask = mask[:, None].to(device)
+        return Group(segments, start, len(self.pair_row_list), mask)
 
 
 def concurrent_attention(
@@ -158,31 +188,35 @@ def concurrent_attention(
     G = Hq // Hkv
     P = plan.pair_row.numel()
 
-    q = query.index_select(0, plan.pair_row)
-    q = (q * plan.cos + rotate_half(q) * plan.sin).view(P, Hkv, G, T, D)
+    # Rotate (and scale) every pair's queries in one batched matmul: [P, Hq*T, D] @ [P, D, D].
+    q = torch.bmm(query.index_select(0, plan.pair_row).view(P, Hq * T, D), plan.rotation)
+    q = q.view(P, Hkv, G, T, D)
 
     outs, maxes, sums = [], [], []
     for g in plan.groups:
         n = g.end - g.start
-        qb = q[g.start : g.end].permute(1, 0, 2, 3, 4).reshape(Hkv, n * G * T, D)
-        keys = g.block.keys[layer, :, : g.key_len]  # [Hkv, L, D], read once for all n pairs
-        values = g.block.values[layer, :, : g.key_len]
+        qb = q[g.start : g.end].transpose(0, 1).reshape(Hkv, n * G * T, D)
+        keys, values = g.keys_values(layer)  # [Hkv, L, D], read once for all n pairs
+        L = keys.shape[1]
         scores = torch.bmm(qb, keys.transpose(1, 2)).float()  # [Hkv, n*G*T, L]
         if g.mask is not None:
-            scores.view(Hkv, n, G, T, g.key_len).add_(g.mask)
+            scores.view(Hkv, n, G, T, L).add_(g.mask)
         m = scores.amax(-1, keepdim=True)
         scores.sub_(m).exp_()
         sums.append(scores.sum(-1).view(Hkv, n, G, T))
         maxes.append(m.view(Hkv, n, G, T))
         outs.append(torch.bmm(scores.to(values.dtype), values).float().view(Hkv, n, G, T, D))
 
-    m, s, o = torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1)  # pairs on dim 1
-    index = plan.pair_row.view(1, P, 1, 1).expand_as(m)
-    row_max = m.new_full((Hkv, B, G, T), float("-inf")).scatter_reduce_(1, index, m, "amax")
-    weight = torch.exp(m - row_max.index_select(1, plan.pair_row))
-    total = s.new_zeros((Hkv, B, G, T)).index_add_(1, plan.pair_row, s * weight)
-    out = o.new_zeros((Hkv, B, G, T, D)).index_add_(1, plan.pair_row, o * weight[..., None])
-    out = out / total[..., None]
+    if len(plan.groups) == 1 and P == B and plan.pair_row_list == list(range(B)):
+        out = outs[0] / sums[0][..., None]  # one pair per row, in row order: nothing to merge
+    else:  # merge the pairs of each row with log-sum-exp (flash-decoding style)
+        m, s, o = torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1)  # pairs on dim 1
+        index = plan.pair_row.view(1, P, 1, 1).expand_as(m)
+        row_max = m.new_full((Hkv, B, G, T), float("-inf")).scatter_reduce_(1, index, m, "amax")
+        weight = torch.exp(m - row_max.index_select(1, plan.pair_row))
+        total = s.new_zeros((Hkv, B, G, T)).index_add_(1, plan.pair_row, s * weight)
+        out = o.new_zeros((Hkv, B, G, T, D)).index_add_(1, plan.pair_row, o * weight[..., None])
+        out = out / total[..., None]
     return out.permute(1, 3, 0, 2, 4).reshape(B, T, Hq, D).to(query.dtype), None
 
 

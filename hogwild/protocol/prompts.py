@@ -21,11 +21,11 @@ ends with {marker}.
 
 Write in short steps of one paragraph, each starting with your name and step number. Plan together, \
 split the work, and check each other's results. If you notice that you are doing the same thing as \
-someone else, say so and switch to something useful. Whoever is sure of the final answer writes it \
-as \\boxed{{answer}}."""
+someone else, say so and switch to something useful. Whoever is sure of the final answer puts it \
+inside \\boxed{{}}."""
 
 SOLO_SYSTEM_PROMPT = """\
-Solve the problem step by step, in short paragraphs. Write the final answer as \\boxed{answer}."""
+Solve the problem step by step, in short paragraphs. Put the final answer inside \\boxed{}."""
 
 FEW_SHOT = """\
 Example of good collaboration (a different problem):
@@ -48,7 +48,7 @@ class ProtocolConfig:
     names: tuple[str, ...] = DEFAULT_NAMES
     first_steps: tuple[str, ...] = ("Hi, I'm Alice. Here's how we can", "Hi, I'm Bob.")
     first_step_default: str = "Hi, I'm {name}."
-    step_header: str = "**{name} [{step}]:** "
+    step_header: str = "**{name} [{step}]:**"
     unfinished_marker: str = " <...>\n\n"
     history_header: str = "### Past steps\n\n"
     others_header: str = "### Work in progress (others)\n\n"
@@ -73,11 +73,16 @@ class ProtocolConfig:
         return text + ("\n\n" + self.few_shot if self.few_shot else "")
 
     def header(self, worker: int, step: int, collab_check: bool) -> str:
-        """The forced start of a step: its header, the seeded first words, or the check question."""
+        """The forced start of a step: its header, then the seeded first words or the check question.
+
+        The header has no trailing space: the model writes the space with its first word, as BPE
+        tokenizers expect.
+        """
         text = self.step_header.format(name=self.name(worker), step=step)
         if step == 1:
             seeds = self.first_steps
-            text += seeds[worker] if worker < len(seeds) else self.first_step_default.format(name=self.name(worker))
+            seed = seeds[worker] if worker < len(seeds) else self.first_step_default.format(name=self.name(worker))
+            text += " " + seed
         elif collab_check:
-            text += self.collab_question
+            text += " " + self.collab_question.rstrip()
         return text

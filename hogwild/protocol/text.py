@@ -6,7 +6,7 @@ import re
 
 ABBREVIATIONS = ("e.g.", "i.e.", "vs.", "cf.", "approx.", "Mr.", "Mrs.", "Ms.", "Dr.", "Prof.", "St.", "No.")
 SENTENCE_END = re.compile(r"""[.!?]["')\]]*$""")
-LIST_MARKER = re.compile(r"(^|\s)(\d+|[a-zA-Z])\.$")
+LIST_MARKER = re.compile(r"(^|\n)[ \t]*(\d+|[a-zA-Z])\.$")  # "1." alone on a line
 
 
 def in_open_fence(text: str) -> bool:
