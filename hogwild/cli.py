@@ -99,6 +99,120 @@ def run_generate(args) -> int:
     return 0
 
 
+# -- solve --------------------------------------------------------------------------------------
+SAMPLE_PROBLEM = (
+    "A bakery sells muffins for $3 each and cookies for $2 each. On Monday it sold 14 muffins and "
+    "25 cookies. How much money did the bakery make on Monday?"
+)
+
+
+def register_solve(sub) -> None:
+    p = sub.add_parser("solve", help="several workers solve a problem together, shown live")
+    p.add_argument("problem", nargs="?", help="the problem text")
+    p.add_argument("--problem-file", help="read the problem from this file")
+    p.add_argument("--sample", action="store_true", help="solve a built-in sample problem")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--layout", default="combined", help="combined, contiguous, interleaved or independent")
+    p.add_argument("--budget", type=int, default=512, help="forward passes (each: one token per worker)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--collab-every", type=int, default=None, help="tokens between redundancy checks (0: off)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--transcript", help="write a Markdown transcript to this file")
+    add_model_arguments(p)
+    p.set_defaults(func=run_solve)
+
+
+def read_problem(args) -> str:
+    from pathlib import Path
+
+    from .errors import InputError
+
+    if args.sample:
+        return SAMPLE_PROBLEM
+    if args.problem_file:
+        try:
+            return Path(args.problem_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot read --problem-file: {exc}") from exc
+    if args.problem is None:
+        raise InputError("give a problem, --problem-file FILE or --sample")
+    return args.problem
+
+
+def run_solve(args) -> int:
+    from .engine.engine import Engine
+    from .engine.events import DoneEvent
+    from .engine.session import SolveConfig
+    from .sampling import SamplingParams
+    from .transcript import to_markdown, write_atomically
+
+    problem = read_problem(args)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    engine = Engine(load_from_args(args))
+    config = SolveConfig(args.workers, args.layout, args.budget, sampling, args.seed, args.collab_every)
+    config.check(engine.protocol)  # bad input fails before the live view starts
+    stream = engine.stream(
+        problem, workers=args.workers, layout=args.layout, budget=args.budget, sampling=sampling,
+        seed=args.seed, collab_every=args.collab_every,
+    )
+    result = None
+    view = None
+    if not args.json:
+        from rich.console import Console
+        from rich.live import Live
+
+        from .live import LiveView
+
+        view = LiveView([engine.protocol.name(i) for i in range(args.workers)], args.budget)
+        live = Live(view.render(), console=Console(), refresh_per_second=8, transient=False)
+    try:
+        if view is None:
+            for event in stream:
+                if isinstance(event, DoneEvent):
+                    result = event.result
+        else:
+            with live:
+                for event in stream:
+                    view.update(event)
+                    live.update(view.render())
+                    if isinstance(event, DoneEvent):
+                        result = event.result
+    except KeyboardInterrupt:
+        try:
+            result = stream.throw(KeyboardInterrupt).result  # the engine stops and hands back the partial run
+        except (KeyboardInterrupt, StopIteration):
+            result = None
+    if result is None:
+        return 130
+    if args.transcript:
+        write_atomically(args.transcript, to_markdown(problem, result))
+    if args.json:
+        print(json.dumps({
+            "answer": result.answer,
+            "workers": [{"name": w.name, "text": w.text} for w in result.workers],
+            "history": [{"worker": h.worker, "step": h.step, "text": h.text} for h in result.history],
+            "forward_passes": result.forward_passes,
+            "tokens_generated": result.tokens_generated,
+            "elapsed_s": round(result.elapsed_s, 4),
+            "model": result.model,
+            "layout": result.layout,
+        }))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if result.interrupted:
+            console.print("[bold red]Interrupted.[/] The partial transcript:")
+            console.print(to_markdown(problem, result))
+        console.print(
+            f"[bold]Answer:[/] {result.answer} [dim](by {result.answered_by}; {result.forward_passes} passes, "
+            f"{result.tokens_generated} tokens, {result.elapsed_s:.1f} s)[/dim]"
+        )
+    return 130 if result.interrupted else 0
+
+
 # -- prepare ------------------------------------------------------------------------------------
 def register_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="convert the embedded model once (make setup runs this)")
@@ -122,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-REGISTER = [register_generate, register_prepare]
+REGISTER = [register_generate, register_solve, register_prepare]
 
 
 def main(argv: list[str] | None = None) -> int:
