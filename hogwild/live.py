@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .engine.events import AnswerEvent, Event, PassEvent, StepEvent, TokenEvent
+from .engine.events import AnswerEvent, Event, PassEvent, StepEvent, StepStartEvent, TokenEvent
 
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
@@ -37,9 +37,10 @@ class LiveView:
     def update(self, event: Event) -> None:
         if isinstance(event, TokenEvent):
             self.current[event.worker_index] += event.text
+        elif isinstance(event, StepStartEvent):
+            self.current[event.worker_index] = event.text
         elif isinstance(event, StepEvent):
             self.history.append((event.worker_index, f"[{event.step}] {event.text.strip()}"))
-            self.current[event.worker_index] = ""
         elif isinstance(event, PassEvent):
             rate = event.tokens_generated / max(event.elapsed_s, 1e-9)
             self.tokens = event.tokens_generated

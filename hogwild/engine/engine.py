@@ -87,6 +87,7 @@ class Engine:
     def _run(self, session: Session) -> Iterator[Event]:
         try:
             session.start()
+            yield from session.take_opened()
             pending_snapshots = list(session.config.snapshots)
             while not session.done:
                 t0 = time.perf_counter()

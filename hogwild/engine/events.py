@@ -50,6 +50,16 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class StepStartEvent:
+    """A worker opens a step; ``text`` is what the protocol writes for it (header, seeded words)."""
+
+    worker: str
+    worker_index: int
+    step: int
+    text: str
+
+
+@dataclass(frozen=True)
 class StepEvent:
     """A worker finished a step; it goes into the shared history."""
 
@@ -94,4 +104,4 @@ class DoneEvent:
     result: Result
 
 
-Event = TokenEvent | StepEvent | PassEvent | AnswerEvent | SnapshotEvent | DoneEvent
+Event = TokenEvent | StepStartEvent | StepEvent | PassEvent | AnswerEvent | SnapshotEvent | DoneEvent

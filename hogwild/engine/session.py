@@ -28,6 +28,7 @@ from .events import (
     Result,
     SnapshotEvent,
     StepEvent,
+    StepStartEvent,
     TokenEvent,
     WorkerText,
 )
@@ -132,6 +133,7 @@ class Session:
         self.shared: SharedBlocks | None = None
         self.workers: list[Worker] = []
         self._blocks: list[Block] = []
+        self._opened: list[Event] = []  # steps opened since the last events were handed out
 
     # -- set-up --------------------------------------------------------------------------------
     def _prompt_ids(self, problem: str) -> list[int]:
@@ -195,6 +197,7 @@ class Session:
         worker.header = self.protocol.step_header.format(name=worker.name, step=worker.step)
         worker.forced = full[len(worker.header):]
         worker.pending = self._ids(full)
+        self._opened.append(StepStartEvent(worker.name, worker.index, worker.step, full))
 
     # -- one pass ------------------------------------------------------------------------------
     def inputs(self) -> list[WorkerStep]:
@@ -214,7 +217,7 @@ class Session:
         """Take the logits [active workers, vocab] of the pass just run on ``inputs()``."""
         self.forward_passes += 1
         self.timings["decode"] += elapsed_s
-        events: list[Event] = []
+        events: list[Event] = self.take_opened()
         active = [w for w in self.workers if w.active]
         for w in active:  # steps whose last token was fed in this pass move into the history
             if w.close_after_pass:
@@ -244,6 +247,7 @@ class Session:
                 w.step += 1
                 self._open_step(w)
                 w.pending = [token] + w.pending
+        events += self.take_opened()
         if self.solo and not any(w.active for w in self.workers):
             self._vote()
             events.append(AnswerEvent(self.answer, self.answered_by, self.forward_passes))
@@ -252,6 +256,11 @@ class Session:
         if not self.done and (self.forward_passes >= self.config.budget or self.room_left() < 1):
             events += self.finish()
         return events
+
+    def take_opened(self) -> list[Event]:
+        """StepStartEvents of the steps opened since the last call."""
+        opened, self._opened = self._opened, []
+        return opened
 
     def _finish_step(self, w: Worker, text: str) -> StepEvent:
         step = HistoryStep(w.name, w.step, text)
