@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup browser test demo lint bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m hogwild.cli prepare
 	touch $(STAMP)
 
-test: setup
+# Headless Chromium for the web-page test: Debian's package (never a downloaded browser).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup browser
 	$(PY) -m ruff check hogwild tests
 	$(PY) -m pytest -q
 

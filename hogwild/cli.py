@@ -12,6 +12,7 @@ import logging
 import sys
 
 from .errors import HogwildError
+from .server import register as register_serve
 
 log = logging.getLogger("hogwild")
 
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-REGISTER = [register_generate, register_solve, register_prepare]
+REGISTER = [register_generate, register_solve, register_prepare, register_serve]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,7 @@ class Worker:
     forced: str = ""  # seeded words or check question opening the current step
     generated: list[int] = field(default_factory=list)  # sampled in the current step
     close_after_pass: int = 0  # >0: the first n tokens of the block are a finished step
+    shown: int = 0  # characters of the current step's text already sent out in TokenEvents
     since_check: int = 0
     finished_text: str = ""  # all finished steps, headers included
     header: str = ""
@@ -187,6 +188,7 @@ class Session:
     def _open_step(self, worker: Worker) -> None:
         """Queue the header of the worker's next step (independent workers get no headers)."""
         worker.generated = []
+        worker.shown = 0
         if self.solo:
             worker.forced, worker.header, worker.pending = "", "", []
             return
@@ -196,6 +198,7 @@ class Session:
         full = self.protocol.header(worker.index, worker.step, check)
         worker.header = self.protocol.step_header.format(name=worker.name, step=worker.step)
         worker.forced = full[len(worker.header):]
+        worker.shown = len(worker.forced)  # the forced words go out in the StepStartEvent
         worker.pending = self._ids(full)
         self._opened.append(StepStartEvent(worker.name, worker.index, worker.step, full))
 
@@ -226,12 +229,13 @@ class Session:
                 w.close_after_pass = 0
         tokens = self.sampler(logits)
         for w, token in zip(active, tokens, strict=True):
-            before = w.step_text(self.tokenizer)
             w.generated.append(token)
             w.since_check += 1
             self.tokens_generated += 1
             text = w.step_text(self.tokenizer)
-            events.append(TokenEvent(w.name, w.index, token, text[len(before):] if text.startswith(before) else ""))
+            new = "" if text.endswith("\ufffd") else text[w.shown :]  # wait for split characters
+            w.shown += len(new)
+            events.append(TokenEvent(w.name, w.index, token, new))
             w.pending = [token]
             answer = rules.final_answer(text)
             if answer is not None:

@@ -94,13 +94,36 @@ def rotation_matrices(inv_freq: torch.Tensor, deltas: list[int], scaling: float)
     return scaling * (torch.diag_embed(cos) + half[None] * sin[:, None, :])
 
 
+def by_reader_rows(blocks: list[list[tuple[int, ViewEntry]]]) -> list[list[list[tuple[int, ViewEntry]]]]:
+    """Cluster blocks (each given as the pairs that read it) so that no row reads two clusters.
+
+    Rows of unrelated sessions in one pass then never score each other's (masked) keys: the cost
+    of a gathered group grows with its rows times its keys, not with the whole pass squared.
+    """
+    root = {}
+
+    def find(i: int) -> int:
+        while root.setdefault(i, i) != i:
+            i = root[i]
+        return i
+
+    for pairs in blocks:
+        for i, _ in pairs:
+            root[find(i)] = find(pairs[0][0])
+    clusters: dict[int, list] = {}
+    for pairs in blocks:
+        clusters.setdefault(find(pairs[0][0]), []).append(pairs)
+    return list(clusters.values())
+
+
 class PassPlan:
     """Per-pass attention metadata shared by every layer (passed explicitly as ``hogwild_plan``).
 
     rows: the B rows of the batch; T: padded new tokens per row; scaling: softmax scale (folded
     into the query rotation); dtype/device: of queries; reference: run the spec instead of the
-    fast path; gather_below: blocks with at most this many keys are gathered into one group
-    (copying a few small blocks costs less than a round of kernel launches per block).
+    fast path; gather_below: blocks with at most this many keys are gathered into one group per
+    set of rows that read them, e.g. per session (copying a few small blocks costs less than a
+    round of kernel launches per block).
     """
 
     def __init__(
@@ -126,7 +149,7 @@ class PassPlan:
                     by_block.setdefault(entry.block.id, []).append((i, entry))
         small = [pairs for pairs in by_block.values() if max(e.visible for _, e in pairs) <= gather_below]
         large = [pairs for pairs in by_block.values() if max(e.visible for _, e in pairs) > gather_below]
-        clusters = [[pairs] for pairs in large] + ([small] if small else [])
+        clusters = [[pairs] for pairs in large] + by_reader_rows(small)
 
         self.pair_row_list: list[int] = []
         deltas: list[int] = []

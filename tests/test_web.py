@@ -1,0 +1,64 @@
+"""The web page in headless Chromium (Debian's ``chromium``; ``make browser`` installs it): submit a
+problem, watch every worker's column fill, see the answer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hogwild.engine.engine import Engine
+from hogwild.server.app import create_app, serve_in_thread
+
+CHROMIUM = "/usr/bin/chromium"
+# The network is closed: keep Chromium from trying to reach anything.
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: run `make browser`")
+
+
+@pytest.fixture(scope="module")
+def url(model):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # leave a core to the event loop and the browser
+    try:
+        with serve_in_thread(create_app(Engine(model), max_sessions=2, queue_size=2)) as base:
+            yield base
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_page_streams_workers_and_answer(url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url + "/")
+            expect(page.locator("#model")).to_have_text("SmolLM2-135M-Instruct")
+            page.fill("#problem", "What is 12 * 7?")
+            page.fill("#workers", "2")
+            page.fill("#budget", "24")
+            page.click("#solve")
+            columns = page.locator("#board .worker")
+            expect(columns).to_have_count(2, timeout=60_000)
+            for i, name in enumerate(["Alice", "Bob"]):
+                expect(columns.nth(i).locator("h2")).to_have_text(name)
+                expect(columns.nth(i).locator(".worker-text")).not_to_be_empty(timeout=60_000)
+            expect(page.locator("#answer")).not_to_be_empty(timeout=120_000)
+            expect(page.locator("#solve")).to_be_enabled(timeout=60_000)
+            texts = [columns.nth(i).locator(".worker-text").inner_text() for i in range(2)]
+            assert "Hi, I'm Alice." in texts[0] and "Hi, I'm Bob." in texts[1]
+            assert "forward passes" in page.locator("#status").inner_text()
+            expect(page.locator("#history-list li").first).to_contain_text("Alice [1]:")
+            assert page.locator("#error").inner_text() == ""
+            shot = tmp_path / "hogwild-web.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
