@@ -27,7 +27,7 @@ test: setup browser
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/hogwild solve --workers 2 --sample
+	$(VENV)/bin/hogwild solve --sample --workers 2 --budget 384 --transcript demo-transcript.md
 
 lint: setup
 	$(PY) -m ruff check hogwild tests
