@@ -11,7 +11,9 @@ import json
 import logging
 import sys
 
+from .bench import register as register_bench
 from .errors import HogwildError
+from .evaluate import register as register_eval
 from .server import register as register_serve
 
 log = logging.getLogger("hogwild")
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-REGISTER = [register_generate, register_solve, register_prepare, register_serve]
+REGISTER = [register_generate, register_solve, register_prepare, register_bench, register_eval, register_serve]
 
 
 def main(argv: list[str] | None = None) -> int:
