@@ -205,7 +205,7 @@ def random_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0) ->
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads,
         head_dim=attention.head_dim,
-        inv_freq=model.get_decoder().rotary_emb.inv_freq.detach().float().clone(),
+        inv_freq=model.get_decoder().rotary_emb.inv_freq.detach().float().cpu().clone(),
         max_positions=config.max_position_embeddings,
         scaling=attention.scaling,
     )
@@ -270,13 +270,16 @@ class BaselineDecoder:
         self.model = model
         self.decoder = model.model.get_decoder()
         self.cache = DynamicCache()
+        self.cache_kwargs = {model.cache_argument: self.cache}
         rows = torch.tensor([prompt_ids] * workers, device=model.device)  # [N, L]
         start = time.perf_counter()
         with torch.inference_mode(), ordinary_attention(model.model):
             for i in range(0, rows.shape[1], chunk):
-                hidden = self.decoder(input_ids=rows[:, i : i + chunk], cache=self.cache, use_cache=True)
+                hidden = self.decoder(input_ids=rows[:, i : i + chunk], use_cache=True, **self.cache_kwargs)
             logits = model.logits(hidden.last_hidden_state[:, -1])
             synchronize(model.device)
+        if self.cache.get_seq_length() != len(prompt_ids):
+            raise RuntimeError("the baseline's DynamicCache was not filled: the cache keyword was ignored")
         self.prefill_s = time.perf_counter() - start
         self.tokens = logits.argmax(-1).tolist()
 
@@ -285,7 +288,7 @@ class BaselineDecoder:
         input_ids = torch.tensor(self.tokens, device=self.model.device)[:, None]  # [N, 1]
         with torch.inference_mode(), ordinary_attention(self.model.model):
             start = time.perf_counter()
-            hidden = self.decoder(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state
+            hidden = self.decoder(input_ids=input_ids, use_cache=True, **self.cache_kwargs).last_hidden_state
             logits = self.model.logits(hidden[:, -1])  # [N, vocab]
             synchronize(self.model.device)
             elapsed = time.perf_counter() - start

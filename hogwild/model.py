@@ -9,8 +9,10 @@ local directory or ``.gguf`` path works too, for the supported families.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -68,7 +70,8 @@ def cache_dir() -> Path:
 class LoadedModel:
     """A causal LM ready for the engine, with the facts the cache and attention need.
 
-    inv_freq: [head_dim / 2] float32 rotary inverse frequencies (RoPE scaling folded in).
+    inv_freq: [head_dim / 2] float32 rotary inverse frequencies (RoPE scaling folded in), on the CPU
+    (pass plans are built on the host).
     """
 
     model: torch.nn.Module
@@ -85,6 +88,13 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.model.device
 
+    @functools.cached_property
+    def cache_argument(self) -> str:
+        """The decoder's keyword for the K/V cache: ``cache`` (recent transformers 5.x, e.g. 5.24) or
+        ``past_key_values`` (earlier 5.x, e.g. 5.17). A wrong keyword is swallowed by ``**kwargs``."""
+        parameters = inspect.signature(self.model.get_decoder().forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
@@ -92,7 +102,8 @@ class LoadedModel:
     def hidden_states(self, input_ids, position_ids, cache, plan: PassPlan) -> torch.Tensor:
         """Run the decoder. input_ids, position_ids: [B, T] -> last hidden states [B, T, hidden]."""
         out = self.model.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, hogwild_plan=plan
+            input_ids=input_ids, position_ids=position_ids, use_cache=True, hogwild_plan=plan,
+            **{self.cache_argument: cache},
         )
         return out.last_hidden_state
 
@@ -211,7 +222,7 @@ def load_model(
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads,
         head_dim=attention.head_dim,
-        inv_freq=rotary.inv_freq.detach().float().clone(),
+        inv_freq=rotary.inv_freq.detach().float().cpu().clone(),
         max_positions=config.max_position_embeddings,
         scaling=attention.scaling,
     )

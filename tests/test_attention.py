@@ -17,16 +17,19 @@ GROUPS = 3  # grouped-query attention: 6 query heads share 2 K/V heads
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
 
 
-def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int = 20):
-    """A cache of random shared blocks, views with shared and repeated blocks, new tokens padded."""
+def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int = 20, device="cpu"):
+    """A cache of random shared blocks, views with shared and repeated blocks, new tokens padded.
+
+    Random numbers come from a CPU generator (the same on every device), then move to ``device``.
+    """
     g = torch.Generator().manual_seed(seed)
-    cache = SharedCache(2, KV_HEADS, HEAD_DIM, INV_FREQ, dtype=dtype)
+    cache = SharedCache(2, KV_HEADS, HEAD_DIM, INV_FREQ, dtype=dtype, device=device)
 
     def fill(block, n):
         cache.reserve(block, block.length + n)
         for layer in range(2):
-            k = torch.randn(KV_HEADS, n, HEAD_DIM, generator=g).to(dtype)
-            v = torch.randn(KV_HEADS, n, HEAD_DIM, generator=g).to(dtype)
+            k = torch.randn(KV_HEADS, n, HEAD_DIM, generator=g).to(device, dtype)
+            v = torch.randn(KV_HEADS, n, HEAD_DIM, generator=g).to(device, dtype)
             cache.write(block, layer, block.length, k, v)
         cache.commit(block, [0] * n)
 
@@ -44,11 +47,11 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
         n_new = int(torch.randint(1, 5, (1,), generator=g))
         steps.append(WorkerStep([0] * n_new, view))
         news.append(n_new)
-    plan = plan_pass(steps, INV_FREQ, HEAD_DIM**-0.5, dtype, torch.device("cpu"), 100000, gather_below=gather_below)
+    plan = plan_pass(steps, INV_FREQ, HEAD_DIM**-0.5, dtype, device, 100000, gather_below=gather_below)
     # Write the new tokens' K/V as the model's cache update would (padding never stored).
     T = plan.T
-    query = torch.randn(workers, KV_HEADS * GROUPS, T, HEAD_DIM, generator=g).to(dtype)
-    key = torch.randn(workers, KV_HEADS, T, HEAD_DIM, generator=g).to(dtype)
+    query = torch.randn(workers, KV_HEADS * GROUPS, T, HEAD_DIM, generator=g).to(device, dtype)
+    key = torch.randn(workers, KV_HEADS, T, HEAD_DIM, generator=g).to(device, dtype)
     for i, row in enumerate(plan.rows):
         cache.reserve(row.write, row.start + row.n_new)
         for layer in range(2):
@@ -58,9 +61,9 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), workers=st.integers(1, 5), gather_below=st.sampled_from([0, 20, 1000]))
-def test_concurrent_equals_reference_fp32(seed, workers, gather_below):
+def test_concurrent_equals_reference_fp32(seed, workers, gather_below, device):
     """gather_below 0: every block read in place; 1000: all gathered; 20: a mix."""
-    plan, query, key, news = random_pass(seed, workers, torch.float32, gather_below)
+    plan, query, key, news = random_pass(seed, workers, torch.float32, gather_below, device)
     module = SimpleNamespace(layer_idx=1)
     fast, _ = concurrent_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
     ref, _ = reference_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
@@ -71,8 +74,8 @@ def test_concurrent_equals_reference_fp32(seed, workers, gather_below):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_concurrent_equals_reference_bf16(seed):
-    plan, query, key, news = random_pass(seed, 4, torch.bfloat16)
+def test_concurrent_equals_reference_bf16(seed, device):
+    plan, query, key, news = random_pass(seed, 4, torch.bfloat16, device=device)
     module = SimpleNamespace(layer_idx=0)
     fast, _ = concurrent_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
     ref, _ = reference_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -21,7 +23,7 @@ def greedy_reference(model, token_ids: list[int], n: int) -> list[int]:
     """Ordinary greedy decoding with transformers (sdpa, DynamicCache), not stopping at end-of-turn."""
     config = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
     with ordinary_attention(model.model):
-        out = model.model.generate(torch.tensor([token_ids]), generation_config=config)
+        out = model.model.generate(torch.tensor([token_ids], device=model.device), generation_config=config)
     assert out.shape[1] == len(token_ids) + n, "the reference stopped at end-of-turn: pick another prompt"
     return out[0, len(token_ids):].tolist()
 
@@ -30,12 +32,13 @@ def greedy_reference(model, token_ids: list[int], n: int) -> list[int]:
 def greedy_loop(model, token_ids: list[int], n: int) -> list[int]:
     """Ordinary greedy decoding step by step (DynamicCache, sdpa), going on past end-of-turn."""
     cache = DynamicCache(config=model.model.config)
-    out, inputs = [], torch.tensor([token_ids])
+    out, inputs = [], torch.tensor([token_ids], device=model.device)
     with ordinary_attention(model.model):
         for _ in range(n):
-            token = int(model.model(inputs, cache=cache, use_cache=True).logits[0, -1].argmax())
+            logits = model.model(inputs, use_cache=True, **{model.cache_argument: cache}).logits
+            token = int(logits[0, -1].argmax())
             out.append(token)
-            inputs = torch.tensor([[token]])
+            inputs = torch.tensor([[token]], device=model.device)
     return out
 
 
@@ -97,6 +100,17 @@ def test_shared_prompt_is_stored_once(model, runner):
     assert cache.nbytes() == (len(prompt) + 4 * 3) * cache.bytes_per_token
 
 
+def test_a_cache_the_model_ignores_is_an_error(model, monkeypatch):
+    """transformers versions differ in the cache keyword; one it swallows must never decode silently."""
+    from hogwild import HogwildError
+
+    runner = Runner.for_model(model)
+    block = runner.cache.new_block("own")
+    monkeypatch.setitem(model.__dict__, "cache_argument", "not_a_cache_keyword")
+    with pytest.raises(HogwildError, match="0 of 30 layers"):
+        runner.forward([WorkerStep([1, 2, 3], [block])])
+
+
 def test_sampling_is_reproducible(model, runner):
     prompt = model.tokenizer(PROMPT, add_special_tokens=False).input_ids
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
@@ -106,8 +120,10 @@ def test_sampling_is_reproducible(model, runner):
 
 
 # -- other architectures: tiny random-weight models -------------------------------------------
+# They carry their own byte-level tokenizer, so they need neither the embedded model nor a hub and
+# run on any device (HOGWILD_TEST_DEVICE=cuda checks exactness on a GPU).
 TINY = dict(
-    vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
 )
 CONFIGS = {
@@ -122,13 +138,22 @@ CONFIGS = {
 }
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 256-token byte-level tokenizer (one token per byte, no merges)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tiny_architectures_one_worker_equals_greedy(name, model, tmp_path):
+def test_tiny_architectures_one_worker_equals_greedy(name, device, tmp_path):
     torch.manual_seed(0)
     tiny = AutoModelForCausalLM.from_config(CONFIGS[name]())
     tiny.save_pretrained(tmp_path)
-    model.tokenizer.save_pretrained(tmp_path)
-    loaded = load_model(str(tmp_path))
+    byte_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device=device)
     prompt = loaded.tokenizer(PROMPT, add_special_tokens=False).input_ids
     result = generate(Runner.for_model(loaded), prompt, [[]], "independent", max_new_tokens=64)
     assert result.workers[0].token_ids == greedy_reference(loaded, prompt, 64)

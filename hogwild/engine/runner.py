@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import Block, SharedCache
-from ..errors import ContextOverflowError, InputError
+from ..errors import ContextOverflowError, HogwildError, InputError
 from ..layers.attention import PassPlan, Row, ViewEntry
 from ..model import LoadedModel
 
@@ -68,12 +68,14 @@ class PassCache:
     def __init__(self, cache: SharedCache, rows: list[Row]):
         self.cache = cache
         self.rows = rows
+        self.layers_written: set[int] = set()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are given explicitly; transformers must not infer them
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """key_states, value_states: [B, kv_heads, T, head_dim] of the new tokens."""
+        self.layers_written.add(layer_idx)
         for i, row in enumerate(self.rows):
             self.cache.write(
                 row.write, layer_idx, row.start, key_states[i, :, : row.n_new], value_states[i, :, : row.n_new]
@@ -112,9 +114,13 @@ class Runner:
             input_ids[i, : row.n_new] = torch.tensor(step.token_ids)
             position_ids[i] = row.start + torch.arange(T)  # local positions in the own block
             self.cache.reserve(row.write, row.start + row.n_new)
-        hidden = self.model.hidden_states(
-            input_ids.to(device), position_ids.to(device), PassCache(self.cache, plan.rows), plan
-        )
+        pass_cache = PassCache(self.cache, plan.rows)
+        hidden = self.model.hidden_states(input_ids.to(device), position_ids.to(device), pass_cache, plan)
+        if len(pass_cache.layers_written) != self.model.num_layers:  # never decode from unwritten K/V
+            raise HogwildError(
+                f"the model stored K/V of {len(pass_cache.layers_written)} of {self.model.num_layers} layers "
+                f"through hogwild's cache: this transformers version passes the cache differently"
+            )
         last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
         logits = self.model.logits(hidden[torch.arange(B, device=device), last])
         for step in steps:  # only now, with every layer written, do the tokens count as held

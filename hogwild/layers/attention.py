@@ -86,8 +86,11 @@ class Group:
 
 
 def rotation_matrices(inv_freq: torch.Tensor, deltas: list[int], scaling: float) -> torch.Tensor:
-    """R [pairs, D, D] with x @ R = scaling * rotate(x, delta): one batched matmul per layer."""
-    cos, sin = rotation(inv_freq, torch.tensor(deltas), torch.float64)  # [P, D]
+    """R [pairs, D, D] with x @ R = scaling * rotate(x, delta): one batched matmul per layer.
+
+    Built on the CPU in float64 (planning is host work); the caller moves R to the device.
+    """
+    cos, sin = rotation(inv_freq.cpu(), torch.tensor(deltas), torch.float64)  # [P, D]
     D = cos.shape[-1]
     half = torch.eye(D, dtype=torch.float64).roll(D // 2, dims=1)  # x @ half = (x2, x1)
     half[D // 2 :] *= -1  # x @ half = (-x2, x1) = rotate_half(x)

@@ -28,7 +28,7 @@ def rotation(
     inv_freq: [D/2] (any float type); positions: [...] integer positions (may be negative).
     Returns cos, sin: [..., D] in ``dtype``, on inv_freq's device.
     """
-    angles = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    angles = positions.to(inv_freq.device, torch.float64)[..., None] * inv_freq.to(torch.float64)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -40,5 +40,5 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, delta: int) -> torch.Tensor:
     """Rotate every vector of x [..., D] by the same position offset ``delta``."""
-    cos, sin = rotation(inv_freq, torch.tensor(delta, device=x.device), x.dtype)
+    cos, sin = rotation(inv_freq.to(x.device), torch.tensor(delta, device=x.device), x.dtype)
     return apply_rotation(x, cos, sin)
