@@ -346,7 +346,6 @@ class Job:
     seeds: list[int]
     sessions: list
     snapshots: list[list[Snapshot]]
-    pending: list[list[int]]
 
     @property
     def done(self) -> bool:
@@ -375,7 +374,7 @@ def make_job(engine, problem: Problem, group: Sequence[str], config: EvalConfig)
         ))
         for seed in seeds
     ]
-    return Job(problem, list(group), seeds, sessions, [[] for _ in seeds], [list(budgets) for _ in seeds])
+    return Job(problem, list(group), seeds, sessions, [[] for _ in seeds])
 
 
 def job_rows(job: Job) -> list[Row]:
@@ -452,9 +451,7 @@ def run_jobs(
                 for (job, i, session), rows in zip(live, inputs, strict=True):
                     session.advance(logits[start : start + len(rows)], elapsed)
                     start += len(rows)
-                    pending = job.pending[i]
-                    while pending and (session.forward_passes >= pending[0] or session.done):
-                        job.snapshots[i].append(_reduce(session.snapshot(pending.pop(0))))
+                    job.snapshots[i] += [_reduce(event) for event in session.due_snapshots()]
                 for job in [job for job in active if job.done]:
                     active.remove(job)
                     job.close()

@@ -88,15 +88,11 @@ class Engine:
         try:
             session.start()
             yield from session.take_opened()
-            pending_snapshots = list(session.config.snapshots)
             while not session.done:
                 t0 = time.perf_counter()
                 logits = self.runner.forward(session.inputs())
                 yield from session.advance(logits, time.perf_counter() - t0)
-                while pending_snapshots and (
-                    session.forward_passes >= pending_snapshots[0] or session.done
-                ):
-                    yield session.snapshot(pending_snapshots.pop(0))
+                yield from session.due_snapshots()
             yield DoneEvent(session.result())
         except KeyboardInterrupt:  # thrown in by the caller (``stream.throw``): hand back what we have
             session.interrupted = True

@@ -75,7 +75,7 @@ def generate(
     sampler = Sampler(sampling or SamplingParams(), seed)
     cache = runner.cache
     start, passes_before = time.perf_counter(), runner.forward_passes
-    prompt = cache.new_block("prompt")
+    prompt = cache.new_block("prompt", capacity=len(shared))  # it never grows
     own = [cache.new_block(f"worker{i}") for i in range(len(prefixes))]
     try:
         if shared:

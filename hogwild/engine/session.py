@@ -135,6 +135,7 @@ class Session:
         self.workers: list[Worker] = []
         self._blocks: list[Block] = []
         self._opened: list[Event] = []  # steps opened since the last events were handed out
+        self._snapshots_left = sorted(config.snapshots)  # budgets not snapshotted yet
 
     # -- set-up --------------------------------------------------------------------------------
     def _prompt_ids(self, problem: str) -> list[int]:
@@ -149,8 +150,8 @@ class Session:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _new_block(self, name: str) -> Block:
-        block = self.cache.new_block(name)
+    def _new_block(self, name: str, capacity: int | None = None) -> Block:
+        block = self.cache.new_block(name, capacity)
         self._blocks.append(block)
         return block
 
@@ -158,11 +159,11 @@ class Session:
         """Prefill the prompt and the shared headers, and queue each worker's first step."""
         t0 = time.perf_counter()
         p = self.protocol
-        prompt = self._new_block("prompt")
-        shared = SharedBlocks(prompt)
         prompt_ids = self.prompt_ids
         if self.solo:  # the prompt's last token opens each worker's own block (nothing else to feed)
             prompt_ids = prompt_ids[:-1]
+        prompt = self._new_block("prompt", capacity=len(prompt_ids))  # it never grows
+        shared = SharedBlocks(prompt)
         self.runner.prefill([prompt], prompt_ids)
         rows = []
         texts = {"history": p.history_header, "others_header": p.others_header,
@@ -319,6 +320,14 @@ class Session:
             self.answer = self.finisher_answer()
             self.answered_by = "vote" if self.solo and len(self.workers) > 1 else "finisher"
         return [AnswerEvent(self.answer, self.answered_by, self.forward_passes)]
+
+    def due_snapshots(self) -> list[SnapshotEvent]:
+        """Snapshots of ``config.snapshots`` whose budget the run has reached (every one left, once
+        it is done): drivers call this after each ``advance``."""
+        due = []
+        while self._snapshots_left and (self.forward_passes >= self._snapshots_left[0] or self.done):
+            due.append(self.snapshot(self._snapshots_left.pop(0)))
+        return due
 
     def snapshot(self, budget: int) -> SnapshotEvent:
         answer, by = self.answer, self.answered_by
