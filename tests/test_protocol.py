@@ -3,7 +3,7 @@
 import pytest
 
 from hogwild.protocol.prompts import ProtocolConfig
-from hogwild.protocol.text import close_finisher, final_answer, in_open_fence, is_step_end
+from hogwild.protocol.text import close_finisher, final_answer, in_open_fence, is_answer, is_step_end
 
 
 @pytest.mark.parametrize(
@@ -49,10 +49,23 @@ def test_fences():
         (r"an open \boxed{12", None),  # not complete yet
         (r"\boxed{3} and an open \boxed{4", "3"),
         ("no answer here", None),
+        (r"\boxed{...}", None),  # a copied placeholder is not an answer
+        (r"\boxed{12} then \boxed{<...>}", "12"),
+        (r"\boxed{}", None),
     ],
 )
 def test_final_answer(text, answer):
     assert final_answer(text) == answer
+
+
+@pytest.mark.parametrize("text", ["...", "<...>", "<...>\n\n<...>", "", " … "])
+def test_placeholders_are_not_answers(text):
+    assert not is_answer(text)
+
+
+@pytest.mark.parametrize("text", ["0", "x = 3", r"\emptyset", "-1.5", r"\frac{1}{2}"])
+def test_answers_are_answers(text):
+    assert is_answer(text)
 
 
 def test_close_finisher():

@@ -309,7 +309,8 @@ class Session:
                 if rules.close_finisher(text) != text.strip():
                     break
                 steps = [WorkerStep([token], [*state, block])]
-            return rules.close_finisher(self.tokenizer.decode(decoded)) or None
+            answer = rules.close_finisher(self.tokenizer.decode(decoded))
+            return answer if rules.is_answer(answer) else None
         finally:
             self.cache.free(block)
 

@@ -7,6 +7,7 @@ import re
 ABBREVIATIONS = ("e.g.", "i.e.", "vs.", "cf.", "approx.", "Mr.", "Mrs.", "Ms.", "Dr.", "Prof.", "St.", "No.")
 SENTENCE_END = re.compile(r"""[.!?]["')\]]*$""")
 LIST_MARKER = re.compile(r"(^|\n)[ \t]*(\d+|[a-zA-Z])\.$")  # "1." alone on a line
+PLACEHOLDER = re.compile(r"[\s.<>…]*")  # "", "...", "<...>": a copied marker, not an answer
 
 
 def in_open_fence(text: str) -> bool:
@@ -31,8 +32,15 @@ def is_step_end(text: str) -> bool:
     return last_word not in ABBREVIATIONS and not LIST_MARKER.search(body)
 
 
+def is_answer(text: str | None) -> bool:
+    """False for nothing and for placeholders such as ``...`` or ``<...>`` (a small model copies
+    the unfinished-step marker into ``\\boxed{}``)."""
+    return text is not None and not PLACEHOLDER.fullmatch(text)
+
+
 def boxed_answers(text: str) -> list[str]:
-    r"""The contents of every complete \boxed{...} in text, nested braces handled, in order."""
+    r"""The contents of every complete \boxed{...} in text that hold an answer (not a
+    placeholder), nested braces handled, in order."""
     answers = []
     for match in re.finditer(r"\\boxed\s*\{", text):
         depth, start = 1, match.end()
@@ -42,7 +50,8 @@ def boxed_answers(text: str) -> list[str]:
             elif text[i] == "}":
                 depth -= 1
                 if depth == 0:
-                    answers.append(text[start:i].strip())
+                    if is_answer(text[start:i].strip()):
+                        answers.append(text[start:i].strip())
                     break
     return answers
 
