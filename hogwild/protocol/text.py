@@ -50,8 +50,9 @@ def boxed_answers(text: str) -> list[str]:
             elif text[i] == "}":
                 depth -= 1
                 if depth == 0:
-                    if is_answer(text[start:i].strip()):
-                        answers.append(text[start:i].strip())
+                    content = text[start:i].strip()
+                    if is_answer(content):
+                        answers.append(content)
                     break
     return answers
 
