@@ -12,25 +12,12 @@ import logging
 import sys
 
 from .bench import register as register_bench
+from .cli_args import add_model_arguments, load_from_args
 from .errors import HogwildError
 from .evaluate import register as register_eval
 from .server import register as register_serve
 
 log = logging.getLogger("hogwild")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-
-
-def load_from_args(args):
-    import torch
-
-    from .model import load_model
-
-    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
 
 
 # -- generate -----------------------------------------------------------------------------------

@@ -650,7 +650,7 @@ def _budgets(text: str) -> tuple[int, ...]:
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .cli_args import add_model_arguments
 
     p = sub.add_parser(
         "eval", help="accuracy against forward passes: hogwild layouts vs one worker and independent workers",
@@ -679,7 +679,7 @@ def register(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from .cli import load_from_args
+    from .cli_args import load_from_args
 
     label = args.dataset if args.dataset in DATASETS else Path(args.dataset).stem
     config = EvalConfig(

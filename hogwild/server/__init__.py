@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..cli_args import add_model_arguments
 
     p = sub.add_parser("serve", help="OpenAI-compatible server with a live web view (FastAPI + uvicorn)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -30,7 +30,7 @@ def register(sub) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
-    from ..cli import load_from_args
+    from ..cli_args import load_from_args
     from ..engine.engine import Engine
     from ..errors import InputError
     from .app import create_app
