@@ -12,7 +12,7 @@ import logging
 import sys
 
 from .bench import register as register_bench
-from .cli_args import add_model_arguments, load_from_args
+from .cli_args import add_model_arguments, load_from_args, runner_options
 from .errors import HogwildError
 from .evaluate import register as register_eval
 from .server import register as register_serve
@@ -62,7 +62,7 @@ def run_generate(args) -> int:
     prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prefixes]
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     result = generate(
-        Runner.for_model(model), prompt_ids, prefix_ids, args.layout, args.max_new_tokens, sampling, args.seed
+        Runner.for_model(model, **runner_options(args)), prompt_ids, prefix_ids, args.layout, args.max_new_tokens, sampling, args.seed
     )
     if args.json:
         print(json.dumps({
@@ -140,7 +140,7 @@ def run_solve(args) -> int:
 
     problem = read_problem(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
-    engine = Engine(load_from_args(args))
+    engine = Engine(load_from_args(args), **runner_options(args))
     config = SolveConfig(args.workers, args.layout, args.budget, sampling, args.seed, args.collab_every)
     config.check(engine.protocol)  # bad input fails before the live view starts
     stream = engine.stream(

@@ -13,6 +13,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--attention", default="auto", choices=["auto", "torch", "triton"],
+        help="attention backend: auto = triton with CUDA graphs on CUDA, torch on the CPU",
+    )
+    parser.add_argument(
+        "--kv-memory", type=float, default=None, metavar="GIB",
+        help="size of the K/V pool in GiB (default: 90%% of free GPU memory less 2 GiB; 4 GiB on the CPU)",
+    )
 
 
 def load_from_args(args):
@@ -22,3 +30,13 @@ def load_from_args(args):
     from .model import load_model
 
     return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def runner_options(args) -> dict:
+    """Keyword arguments of ``Runner.for_model`` / ``Engine`` from ``--attention`` and ``--kv-memory``."""
+    from .errors import InputError
+
+    if args.kv_memory is not None and not args.kv_memory > 0:
+        raise InputError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
+    kv_memory = None if args.kv_memory is None else int(args.kv_memory * (1 << 30))
+    return {"attention": args.attention, "kv_memory": kv_memory}

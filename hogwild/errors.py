@@ -19,3 +19,8 @@ class ModelLoadError(HogwildError):
 
 class UnsupportedModelError(ModelLoadError):
     """The model loads but hogwild cannot run it exactly (architecture or RoPE type not supported)."""
+
+
+class CacheFullError(HogwildError):
+    """The KV cache pool has no free pages for a new or growing block (the server makes new sessions
+    wait instead; a running session is never harmed: a pass needs its pages before it starts)."""

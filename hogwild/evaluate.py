@@ -679,7 +679,7 @@ def register(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from .cli_args import load_from_args
+    from .cli_args import load_from_args, runner_options
 
     label = args.dataset if args.dataset in DATASETS else Path(args.dataset).stem
     config = EvalConfig(
@@ -693,7 +693,7 @@ def run_eval(args) -> int:
     def load_engine():
         from .engine.engine import Engine
 
-        return Engine(load_from_args(args))
+        return Engine(load_from_args(args), **runner_options(args))
 
     started = time.perf_counter()
     try:

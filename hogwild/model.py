@@ -45,6 +45,11 @@ def hogwild_attention(module, query, key, value, attention_mask, scaling, dropou
             "this model runs hogwild attention, which needs a pass plan; call it through hogwild's Runner, "
             "or wrap ordinary use (e.g. model.generate) in `with ordinary_attention(model): ...`"
         )
+    if plan.backend == "triton":
+        from .layers.triton_attention import triton_attention
+
+        return triton_attention(query, plan.cache.keys[module.layer_idx], plan.cache.values[module.layer_idx],
+                                plan.triton, scaling), None
     method = reference_attention if plan.reference else concurrent_attention
     return method(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 

@@ -28,17 +28,30 @@ class SamplingParams:
 
 
 class Sampler:
-    """Turns next-token logits [workers, vocab] into token ids, reproducibly for a given seed."""
+    """Turns next-token logits [workers, vocab] into token ids, reproducibly for a given seed.
+
+    Sampling runs on the logits' device with a generator of that device (seeded once), so that a
+    GPU pass ends with one small copy to the host: the token ids.
+    """
 
     def __init__(self, params: SamplingParams, seed: int | None = None):
         self.params = params
-        self.generator = torch.Generator()
-        self.generator.manual_seed(0 if seed is None else seed)
+        self.seed = 0 if seed is None else seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._banned: dict[torch.device, torch.Tensor] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
 
     def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float().clone()
         if self.params.banned_token_ids:
-            logits[:, list(self.params.banned_token_ids)] = float("-inf")
+            if logits.device not in self._banned:
+                ids = torch.tensor(self.params.banned_token_ids, dtype=torch.long)
+                self._banned[logits.device] = ids.to(logits.device)
+            logits.index_fill_(1, self._banned[logits.device], float("-inf"))
         return logits
 
     def greedy(self, logits: torch.Tensor) -> list[int]:
@@ -60,5 +73,5 @@ class Sampler:
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the first token past top_p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = logits.softmax(-1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self._generator(probs.device)).squeeze(-1).tolist()

@@ -23,7 +23,10 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
     Random numbers come from a CPU generator (the same on every device), then move to ``device``.
     """
     g = torch.Generator().manual_seed(seed)
-    cache = SharedCache(2, KV_HEADS, HEAD_DIM, INV_FREQ, dtype=dtype, device=device)
+    cache = SharedCache(  # small pages: blocks grow page by page, interleaved, across page boundaries
+        2, KV_HEADS, HEAD_DIM, INV_FREQ, dtype=dtype, device=device, capacity_tokens=4096, page_size=4,
+        initial_capacity=4,
+    )
 
     def fill(block, n):
         cache.reserve(block, block.length + n)
@@ -47,13 +50,12 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
         n_new = int(torch.randint(1, 5, (1,), generator=g))
         steps.append(WorkerStep([0] * n_new, view))
         news.append(n_new)
-    plan = plan_pass(steps, INV_FREQ, HEAD_DIM**-0.5, dtype, device, 100000, gather_below=gather_below)
+    plan = plan_pass(steps, cache, HEAD_DIM**-0.5, dtype, 100000, gather_below=gather_below)
     # Write the new tokens' K/V as the model's cache update would (padding never stored).
     T = plan.T
     query = torch.randn(workers, KV_HEADS * GROUPS, T, HEAD_DIM, generator=g).to(device, dtype)
     key = torch.randn(workers, KV_HEADS, T, HEAD_DIM, generator=g).to(device, dtype)
     for i, row in enumerate(plan.rows):
-        cache.reserve(row.write, row.start + row.n_new)
         for layer in range(2):
             cache.write(row.write, layer, row.start, key[i, :, : row.n_new], key[i, :, : row.n_new] * 0.5)
     return plan, query, key, news

@@ -28,10 +28,18 @@ class Engine:
     >>> engine.solve("What is 12 * 7?", workers=2).answer
     """
 
-    def __init__(self, model: LoadedModel, protocol: ProtocolConfig | None = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        protocol: ProtocolConfig | None = None,
+        attention: str = "auto",
+        kv_memory: int | None = None,
+    ):
+        """attention: "auto" (triton with CUDA graphs on CUDA, torch elsewhere), "torch" or "triton";
+        kv_memory: bytes of the K/V pool (default: ``default_kv_memory``)."""
         self.model = model
         self.protocol = protocol or ProtocolConfig()
-        self.runner = Runner.for_model(model)
+        self.runner = Runner.for_model(model, attention, kv_memory)
 
     @classmethod
     def from_pretrained(
@@ -40,8 +48,10 @@ class Engine:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         protocol: ProtocolConfig | None = None,
+        attention: str = "auto",
+        kv_memory: int | None = None,
     ) -> Engine:
-        return cls(load_model(name_or_path, device=device, dtype=dtype), protocol)
+        return cls(load_model(name_or_path, device=device, dtype=dtype), protocol, attention, kv_memory)
 
     @cached_property
     def banned_token_ids(self) -> tuple[int, ...]:

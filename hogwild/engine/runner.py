@@ -6,13 +6,15 @@ come from different sessions, as long as each block is written by at most one of
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 
 from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
-from ..layers.attention import PassPlan, Row, ViewEntry
+from ..layers.attention import BACKENDS, PassPlan, Row, ViewEntry
 from ..model import LoadedModel
 
 
@@ -26,15 +28,15 @@ class WorkerStep:
 
 def plan_pass(
     steps: list[WorkerStep],
-    inv_freq: torch.Tensor,
+    cache: SharedCache,
     scaling: float,
     dtype: torch.dtype,
-    device: torch.device,
     max_positions: int,
-    reference: bool = False,
+    backend: str = "torch",
     gather_below: int = 256,
 ) -> PassPlan:
-    """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks.
+    """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks,
+    and room in the pool for every worker's new tokens.
 
     Blocks are read as they were before the pass (a worker sees the others' tokens of this pass
     only from the next pass on); the own block also shows the worker's new tokens, causally.
@@ -58,16 +60,18 @@ def plan_pass(
                 f"a worker's view would hold {offset} tokens, more than the model's context of {max_positions}"
             )
         rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
-    return PassPlan(rows, inv_freq, scaling, dtype, device, reference, gather_below)
+    for row in rows:  # CacheFullError here leaves only spare pages behind: nothing is written yet
+        cache.reserve(row.write, row.start + row.n_new)
+    return PassPlan(rows, cache, scaling, dtype, backend, gather_below)
 
 
 class PassCache:
-    """The cache object transformers sees during one pass: it stores the new K/V of each row in
-    that row's own block (padding is never stored) and hands them on unchanged."""
+    """The cache object transformers sees during one pass: it stores the new K/V of every row in
+    its own block through the plan's slot mapping (padding goes to the padding slot) and hands
+    them on unchanged."""
 
-    def __init__(self, cache: SharedCache, rows: list[Row]):
-        self.cache = cache
-        self.rows = rows
+    def __init__(self, plan: PassPlan):
+        self.plan = plan
         self.layers_written: set[int] = set()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -76,35 +80,94 @@ class PassCache:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """key_states, value_states: [B, kv_heads, T, head_dim] of the new tokens."""
         self.layers_written.add(layer_idx)
-        for i, row in enumerate(self.rows):
-            self.cache.write(
-                row.write, layer_idx, row.start, key_states[i, :, : row.n_new], value_states[i, :, : row.n_new]
-            )
+        cache, slots = self.plan.cache, self.plan.slot_mapping
+        B, H, T, D = key_states.shape
+        cache.keys[layer_idx].index_copy_(1, slots, key_states.transpose(0, 1).reshape(H, B * T, D))
+        cache.values[layer_idx].index_copy_(1, slots, value_states.transpose(0, 1).reshape(H, B * T, D))
         return key_states, value_states
 
 
-class Runner:
-    """Runs forward passes of a model over a shared cache and returns next-token logits."""
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """The backend that ``--attention auto|torch|triton`` names on ``device``.
 
-    def __init__(self, model: LoadedModel, cache: SharedCache):
+    auto: triton (with CUDA graphs for decode passes) on CUDA, torch elsewhere. triton on the CPU
+    runs under Triton's interpreter (``TRITON_INTERPRET=1``: slow, for tests).
+    """
+    if attention not in ("auto", *BACKENDS):
+        raise InputError(f"unknown attention backend {attention!r}; choose auto, torch or triton")
+    if attention == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if attention == "triton" and not triton_available():
+        raise InputError("--attention triton needs the triton package (pip install triton)")
+    if attention == "triton" and device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (first import)
+    return attention
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def default_kv_memory(model: LoadedModel) -> int:
+    """Bytes of the K/V pool when none are asked for: on CUDA 90% of the memory left free after
+    the weights, less 2 GiB for activations and graphs; elsewhere 4 GiB (untouched pages of a CPU
+    pool cost nothing)."""
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return max(int(0.9 * free) - (2 << 30), 256 << 20)
+    return 4 << 30
+
+
+class Runner:
+    """Runs forward passes of a model over a shared cache and returns next-token logits.
+
+    attention: the backend of every pass ("torch", "triton" or "reference"); graphs: replay
+    decode passes (one new token per row) as CUDA graphs (triton on CUDA only).
+    """
+
+    def __init__(self, model: LoadedModel, cache: SharedCache, attention: str = "torch", graphs: bool = False):
         self.model = model
         self.cache = cache
+        self.attention = attention
         self.forward_passes = 0
+        self.graphs = None
+        if graphs:
+            from .graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
 
     @classmethod
-    def for_model(cls, model: LoadedModel) -> Runner:
-        cache = SharedCache(
-            model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype, model.device
+    def for_model(
+        cls, model: LoadedModel, attention: str = "auto", kv_memory: int | None = None, graphs: bool | None = None
+    ) -> Runner:
+        """A runner with a fresh cache of ``kv_memory`` bytes (default: ``default_kv_memory``)."""
+        attention = resolve_attention(attention, model.device)
+        cache = SharedCache.for_memory(
+            model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype, model.device,
+            kv_memory or default_kv_memory(model),
         )
-        return cls(model, cache)
+        if graphs is None:
+            graphs = attention == "triton" and model.device.type == "cuda"
+        return cls(model, cache, attention, graphs)
 
     def plan(self, steps: list[WorkerStep], reference: bool = False) -> PassPlan:
         m = self.model
-        return plan_pass(steps, m.inv_freq, m.scaling, m.dtype, m.device, m.max_positions, reference)
+        backend = "reference" if reference else self.attention
+        return plan_pass(steps, self.cache, m.scaling, m.dtype, m.max_positions, backend)
 
     @torch.no_grad()  # not inference_mode: cache tensors are updated in place outside passes too
     def forward(self, steps: list[WorkerStep], reference: bool = False) -> torch.Tensor:
         """One pass. Returns the logits after each worker's last new token: [len(steps), vocab]."""
+        if self.graphs is not None and not reference and self.graphs.fits(steps):
+            logits = self.graphs.forward(steps)
+        else:
+            logits = self._eager(steps, reference)
+        for step in steps:  # only now, with every layer written, do the tokens count as held
+            self.cache.commit(step.view[-1], list(step.token_ids))
+        self.forward_passes += 1
+        return logits
+
+    def _eager(self, steps: list[WorkerStep], reference: bool) -> torch.Tensor:
         plan = self.plan(steps, reference)
         B, T = len(steps), plan.T
         device = self.model.device
@@ -113,8 +176,7 @@ class Runner:
         for i, (step, row) in enumerate(zip(steps, plan.rows, strict=True)):
             input_ids[i, : row.n_new] = torch.tensor(step.token_ids)
             position_ids[i] = row.start + torch.arange(T)  # local positions in the own block
-            self.cache.reserve(row.write, row.start + row.n_new)
-        pass_cache = PassCache(self.cache, plan.rows)
+        pass_cache = PassCache(plan)
         hidden = self.model.hidden_states(input_ids.to(device), position_ids.to(device), pass_cache, plan)
         if len(pass_cache.layers_written) != self.model.num_layers:  # never decode from unwritten K/V
             raise HogwildError(
@@ -122,11 +184,7 @@ class Runner:
                 f"through hogwild's cache: this transformers version passes the cache differently"
             )
         last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
-        logits = self.model.logits(hidden[torch.arange(B, device=device), last])
-        for step in steps:  # only now, with every layer written, do the tokens count as held
-            self.cache.commit(step.view[-1], list(step.token_ids))
-        self.forward_passes += 1
-        return logits
+        return self.model.logits(hidden[torch.arange(B, device=device), last])
 
     def prefill(self, view: list[Block], token_ids: list[int], chunk: int = 512) -> torch.Tensor:
         """Append many tokens to ``view[-1]`` in chunks; returns the logits after the last: [vocab]."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import Block
+from ..cache import Block, SharedCache
 from .rope import rotate_by, rotation
 
 
@@ -63,26 +63,28 @@ class Group:
     """Pairs (row, entry) that read the same keys; their queries are pairs start:end of the pass.
 
     segments: the blocks read, each with how many of its keys (several small blocks are gathered
-    into one tensor per layer, a large block is read in place); mask: additive
-    [pairs, 1, T, key_len] float32 (0 or -inf), or None when every key is visible to every pair.
+    into one tensor per layer, a large block is read in place when its slots are one run); mask:
+    additive [pairs, 1, T, key_len] float32 (0 or -inf), or None when every key is visible to
+    every pair; slots: the pool slots of the keys when they are gathered, None when read in place.
     """
 
     segments: list[tuple[Block, int]]
     start: int
     end: int
     mask: torch.Tensor | None
+    cache: SharedCache
+    slots: torch.Tensor | None = None
 
     @property
     def key_len(self) -> int:
         return sum(n for _, n in self.segments)
 
     def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of this layer: [kv_heads, key_len, head_dim] (a view when there is one block)."""
-        if len(self.segments) == 1:
+        """K, V of this layer: [kv_heads, key_len, head_dim] (a view when read in place)."""
+        if self.slots is None:
             block, n = self.segments[0]
-            return block.keys[layer, :, :n], block.values[layer, :, :n]
-        keys = torch.cat([b.keys[layer, :, :n] for b, n in self.segments], 1)
-        return keys, torch.cat([b.values[layer, :, :n] for b, n in self.segments], 1)
+            return self.cache.read(block, layer, n)
+        return self.cache.keys[layer].index_select(1, self.slots), self.cache.values[layer].index_select(1, self.slots)
 
 
 def rotation_matrices(inv_freq: torch.Tensor, deltas: list[int], scaling: float) -> torch.Tensor:
@@ -119,31 +121,53 @@ def by_reader_rows(blocks: list[list[tuple[int, ViewEntry]]]) -> list[list[list[
     return list(clusters.values())
 
 
+#: Attention backends: "torch" (the fast path in plain PyTorch), "triton" (one fused kernel per
+#: layer, hogwild/layers/triton_attention.py) and "reference" (the spec, materialised views).
+BACKENDS = ("torch", "triton", "reference")
+
+#: The pool slot that padded positions of a pass write to (page 0 is never given to a block).
+PAD_SLOT = 0
+
+
 class PassPlan:
     """Per-pass attention metadata shared by every layer (passed explicitly as ``hogwild_plan``).
 
-    rows: the B rows of the batch; T: padded new tokens per row; scaling: softmax scale (folded
-    into the query rotation); dtype/device: of queries; reference: run the spec instead of the
-    fast path; gather_below: blocks with at most this many keys are gathered into one group per
-    set of rows that read them, e.g. per session (copying a few small blocks costs less than a
-    round of kernel launches per block).
+    rows: the B rows of the batch; T: padded new tokens per row; cache: the shared cache the
+    blocks live in; scaling: softmax scale; dtype: of queries; backend: one of ``BACKENDS``;
+    slot_mapping: [B * T] long, the pool slot of every new token (row-major; padding writes to
+    ``PAD_SLOT``). The torch backend's groups: blocks with at most ``gather_below`` keys are
+    gathered into one group per set of rows that read them, e.g. per session (copying a few small
+    blocks costs less than a round of kernel launches per block).
     """
 
     def __init__(
         self,
         rows: list[Row],
-        inv_freq: torch.Tensor,
+        cache: SharedCache,
         scaling: float,
         dtype: torch.dtype,
-        device: torch.device,
-        reference: bool = False,
+        backend: str = "torch",
         gather_below: int = 256,
     ):
         self.rows = rows
-        self.reference = reference
+        self.cache = cache
+        self.backend = backend
+        self.reference = backend == "reference"
         self.T = max(r.n_new for r in rows)
-        self.inv_freq = inv_freq
+        self.inv_freq = cache.host_inv_freq
         self.scaling = scaling
+        device = cache.device
+        slots = []
+        for row in rows:
+            slots += row.write.slots(row.start, row.start + row.n_new) + [PAD_SLOT] * (self.T - row.n_new)
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        if backend == "triton":
+            from .triton_attention import plan_triton
+
+            self.triton = plan_triton(self)
+            return
+        if backend == "reference":
+            return
 
         by_block: dict[int, list[tuple[int, ViewEntry]]] = {}
         for i, row in enumerate(rows):
@@ -160,7 +184,7 @@ class PassPlan:
         for cluster in clusters:
             self.groups.append(self._group(cluster, deltas, device))
         self.pair_row = torch.tensor(self.pair_row_list, device=device)
-        self.rotation = rotation_matrices(inv_freq, deltas, scaling).to(dtype).to(device)
+        self.rotation = rotation_matrices(self.inv_freq, deltas, scaling).to(dtype).to(device)
 
     def _group(self, cluster: list[list[tuple[int, ViewEntry]]], deltas: list[int], device) -> Group:
         """One group reading the blocks of ``cluster`` (each: the pairs that read one block)."""
@@ -187,7 +211,10 @@ class PassPlan:
             mask = torch.zeros(allowed.shape, dtype=torch.float32)
             mask.masked_fill_(~allowed, float("-inf"))
             mask = mask[:, None].to(device)
-        return Group(segments, start, len(self.pair_row_list), mask)
+        slots = None
+        if len(segments) > 1 or segments[0][0].contiguous(segments[0][1]) is None:
+            slots = torch.tensor([s for block, n in segments for s in block.slots(0, n)], device=device)
+        return Group(segments, start, len(self.pair_row_list), mask, self.cache, slots)
 
 
 def concurrent_attention(
@@ -246,13 +273,13 @@ def concurrent_attention(
     return out.permute(1, 3, 0, 2, 4).reshape(B, T, Hq, D).to(query.dtype), None
 
 
-def materialize_view(row: Row, layer: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def materialize_view(row: Row, layer: int, cache: SharedCache) -> tuple[torch.Tensor, torch.Tensor]:
     """A row's view as one sequence: keys [Hkv, S, D] re-rotated to view positions, values [Hkv, S, D]."""
     keys, values = [], []
     for entry in row.entries:
-        k = entry.block.keys[layer, :, : entry.visible]
-        keys.append(rotate_by(k, inv_freq, entry.offset))
-        values.append(entry.block.values[layer, :, : entry.visible])
+        k, v = cache.read(entry.block, layer, entry.visible)
+        keys.append(rotate_by(k, cache.inv_freq, entry.offset))
+        values.append(v)
     return torch.cat(keys, 1), torch.cat(values, 1)
 
 
@@ -275,11 +302,11 @@ def reference_attention(
     G = Hq // key.shape[1]
     out = torch.zeros(B, T, Hq, D, dtype=query.dtype, device=query.device)
     for i, row in enumerate(plan.rows):
-        keys, values = materialize_view(row, module.layer_idx, plan.inv_freq)
+        keys, values = materialize_view(row, module.layer_idx, plan.cache)
         keys = keys.repeat_interleave(G, 0).float()  # [Hq, S, D]
         values = values.repeat_interleave(G, 0).float()
         positions = row.own_offset + row.start + torch.arange(row.n_new, device=query.device)
-        q = rotate_by(query[i, :, : row.n_new].float(), plan.inv_freq, row.own_offset)  # local -> view
+        q = rotate_by(query[i, :, : row.n_new].float(), plan.cache.inv_freq, row.own_offset)  # local -> view
         # A key at view position j is visible if it is before the query; entries hide unseen tokens.
         view_pos = torch.cat(
             [e.offset + torch.arange(e.visible, device=query.device) for e in row.entries]
