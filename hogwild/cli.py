@@ -62,7 +62,8 @@ def run_generate(args) -> int:
     prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prefixes]
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     result = generate(
-        Runner.for_model(model, **runner_options(args)), prompt_ids, prefix_ids, args.layout, args.max_new_tokens, sampling, args.seed
+        Runner.for_model(model, **runner_options(args)), prompt_ids, prefix_ids, args.layout, args.max_new_tokens,
+        sampling, args.seed,
     )
     if args.json:
         print(json.dumps({
