@@ -104,6 +104,12 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def groups(self) -> int:
+        """Query heads per K/V head (grouped-query attention); the same on every tensor-parallel rank."""
+        config = self.model.config
+        return config.num_attention_heads // config.num_key_value_heads
+
     def hidden_states(self, input_ids, position_ids, cache, plan: PassPlan) -> torch.Tensor:
         """Run the decoder. input_ids, position_ids: [B, T] -> last hidden states [B, T, hidden]."""
         out = self.model.get_decoder()(
