@@ -1,0 +1,429 @@
+"""Concurrent attention as two fused Triton launches per layer, driven by device metadata.
+
+The pass (rows, their views, their new tokens) is described once on the host by
+``build_meta`` and copied into fixed-capacity int32 device tensors (``DeviceMeta``), so the two
+launches can be captured in a CUDA graph: their grids come from capacities, unused work items
+exit early, and nothing reads a count on the host.
+
+Vocabulary. A *pair* is (row, view entry): the row's queries are rotated by
+``delta = offset(own block) - offset(entry)`` and read the entry's block; token t of the row
+(0 <= t < n_new) sees key l of the block iff ``l < visible`` and ``l <= qstart + t`` with
+``qstart = row.start + delta``. Pairs are numbered block by block, so the readers of a block are
+consecutive. A *work item* is (one block, one key chunk [k0, k1) of it, a run of consecutive
+pairs reading that block, a run of query tokens [t0, t0 + nt)); it scores every query of the run
+against the chunk, loading each key once for all its readers (a shared prompt is read once for
+all workers). A *pc* (pair-chunk) is the partial result (max, sum, unnormalised output) of one
+pair over one chunk; the pcs of a row are one contiguous range, merged by log-sum-exp.
+
+Launch 1, ``_partial_kernel``, grid (item capacity, kv_heads): tile rows are
+(pair, group member, token) of the item, BLOCK_M >= 16 of them (padding masked). Each row's query
+is rotated by its pair's cos/sin in fp32, split in halves so that the scores are
+``q1' k1^T + q2' k2^T``; the chunk is walked in BLOCK_N-key tiles gathered through the page
+table; online softmax in exp2 with the scale folded in; m, l, acc go to the pc workspace.
+Launch 2, ``_merge_kernel``, grid (rows, q_heads, cdiv(T, BLOCK_T)): merges a row's pcs
+(skipping those a token does not reach) and writes out[b, t, hq, :]; padding tokens and rows get
+zeros.
+
+Room for extensions (not built):
+- sliding windows: a per-(pair, token) lower key bound ``lo = qstart + t - window + 1`` masked
+  next to the upper one, and items whose k0 starts at the smallest lo of their queries;
+- attention sinks: a per-head logit ``s`` enters the merge as one more pc with m = s * log2(e),
+  l = 1 and no value (it only adds to the denominator);
+- attention statistics: the merge holds every pc's m and l, so the share of a row's attention
+  mass on each pair's block, sum over its pcs of ``l * 2**(m - M) / L``, can be written from
+  launch 2 at the cost of one small store per pc.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .attention import Row
+
+#: Columns of the int32 tables (the kernels index them by these positions).
+ITEM_FIELDS = ("pair0", "pairs", "t0", "tokens", "k0", "k1", "chunk", "page_base")
+PAIR_FIELDS = ("row", "limit", "qstart", "n_new", "pc0", "chunks")
+ROW_FIELDS = ("pc_start", "pc_end", "n_new")
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass
+class HostMeta:
+    """One pass's metadata on the host (numpy), as ``build_meta`` lays it out.
+
+    items: int32 [n_items, 8] (``ITEM_FIELDS``), largest chunks first; pairs: int32 [n_pairs, 6]
+    (``PAIR_FIELDS``: row index, visible keys, qstart, the row's n_new, first pc, pcs of the
+    pair); rows: int32 [n_rows, 3] (``ROW_FIELDS``: the row's pcs are pc_start..pc_end-1);
+    pc_tlo: int32 [n_pcs], the first token of its pair that sees the pc's chunk (earlier tokens
+    are not written there); pages: int32 [n_pages], the pages of every block read, each block
+    once; trig: float32 [n_pairs, 2, head_dim/2], cos and sin of ``delta * inv_freq`` (float64
+    angles). T: padded new tokens per row; the other fields are the settings the pass was built for.
+    """
+
+    T: int
+    groups: int
+    head_dim: int
+    page_size: int
+    chunk: int
+    block_m: int
+    items: np.ndarray
+    pairs: np.ndarray
+    rows: np.ndarray
+    pc_tlo: np.ndarray
+    pages: np.ndarray
+    trig: np.ndarray
+
+
+def build_meta(
+    rows: list[Row],
+    T: int,
+    groups: int,
+    page_size: int,
+    inv_freq,
+    chunk: int = 256,
+    block_m: int = 64,
+) -> HostMeta:
+    """Lay out a pass for the kernels (host work, plain Python and numpy).
+
+    rows: the pass's rows (``Row``, blocks with ``pages``); T: padded new tokens per row; groups:
+    query heads per K/V head; page_size: tokens per pool page; inv_freq: [head_dim/2] rotary
+    inverse frequencies (host tensor or array); chunk: keys per work item at most; block_m:
+    query rows per work item (a power of two >= 16 and >= groups).
+    """
+    if block_m < 16 or block_m & (block_m - 1) or groups > block_m:
+        raise ValueError(f"block_m must be a power of two >= max(16, groups), got {block_m} for {groups} groups")
+    inv = np.asarray(inv_freq, dtype=np.float64)
+    max_tokens = block_m // groups
+
+    readers: dict = {}  # block -> [(n_new, reach, row index, visible, qstart, delta)]
+    for r, row in enumerate(rows):
+        for e in row.entries:
+            delta = row.own_offset - e.offset
+            qstart = row.start + delta
+            reach = min(e.visible, qstart + row.n_new)  # keys 0..reach-1 are seen by some token
+            if reach > 0:
+                readers.setdefault(e.block, []).append((row.n_new, reach, r, e.visible, qstart, delta))
+
+    pairs, items, pages = [], [], []  # pairs: [row, visible, qstart, n_new, chunks, delta]
+    for block, infos in readers.items():
+        infos.sort(key=lambda x: -x[0])  # rows with many new tokens first: similar ones share runs
+        base = len(pages)
+        pages += block.pages[: -(-max(x[1] for x in infos) // page_size)]
+        i = 0
+        while i < len(infos):
+            nt = min(infos[i][0], max_tokens)
+            run = infos[i : i + block_m // (groups * nt)]
+            p0, i = len(pairs), i + len(run)
+            pairs += [(r, vis, qs, n, -(-reach // chunk), d) for n, reach, r, vis, qs, d in run]
+            for t0 in range(0, run[0][0], nt):
+                reach = max(min(vis, qs + min(t0 + nt, n)) for n, _, _, vis, qs, _ in run if n > t0)
+                for c in range(-(-reach // chunk)):
+                    items.append((p0, len(run), t0, nt, c * chunk, min((c + 1) * chunk, reach), c, base))
+    items.sort(key=lambda it: it[4] - it[5])  # longest first: the tail of the grid is short work
+
+    by_row: list[list[int]] = [[] for _ in rows]
+    for p, pair in enumerate(pairs):
+        by_row[pair[0]].append(p)
+    pc0 = [0] * len(pairs)
+    row_table, pc_tlo = [], []
+    for r, row in enumerate(rows):
+        start = len(pc_tlo)
+        for p in by_row[r]:
+            pc0[p] = len(pc_tlo)
+            qs = pairs[p][2]
+            pc_tlo += [max(0, c * chunk - qs) for c in range(pairs[p][4])]
+        row_table.append((start, len(pc_tlo), row.n_new))
+
+    angles = np.array([p[5] for p in pairs], dtype=np.float64)[:, None] * inv[None, :]
+    return HostMeta(
+        T=T,
+        groups=groups,
+        head_dim=2 * inv.shape[0],
+        page_size=page_size,
+        chunk=chunk,
+        block_m=block_m,
+        items=np.array(items, dtype=np.int32).reshape(-1, len(ITEM_FIELDS)),
+        pairs=np.array(
+            [(r, vis, qs, n, pc0[p], ch) for p, (r, vis, qs, n, ch, _) in enumerate(pairs)], dtype=np.int32
+        ).reshape(-1, len(PAIR_FIELDS)),
+        rows=np.array(row_table, dtype=np.int32).reshape(-1, len(ROW_FIELDS)),
+        pc_tlo=np.array(pc_tlo, dtype=np.int32),
+        pages=np.array(pages, dtype=np.int32),
+        trig=np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32),
+    )
+
+
+class DeviceMeta:
+    """A pass's metadata in fixed-capacity device tensors, and the partial-result workspaces.
+
+    Made once with ``allocate`` (capacities: rows, work items, pairs, pcs, pages, T) and refilled
+    in place by ``fill`` before every pass, so captured launches stay valid. All int32 tables live
+    in one buffer: count int32 [1] (work items of the pass; programs past it exit), items
+    [items, 8], pairs [pairs, 6], rows [rows, 3] (rows past the pass's have no pcs and get zeros),
+    pc_tlo [pcs], pages [pages], and trig float32 [pairs, 2, head_dim/2] (same bytes).
+    Workspaces: m, l float32 [pcs, q_heads, T] (running max in log2 units, sum of exp2), acc
+    float32 [pcs, q_heads, T, head_dim] (unnormalised output).
+    """
+
+    def __init__(self, caps: dict[str, int], q_heads: int, groups: int, head_dim: int, page_size: int,
+                 chunk: int, block_m: int, device):
+        self.caps = caps
+        self.q_heads, self.groups, self.head_dim = q_heads, groups, head_dim
+        self.page_size, self.chunk, self.block_m = page_size, chunk, block_m
+        half = head_dim // 2
+        sizes = {
+            "count": 1,
+            "items": caps["items"] * len(ITEM_FIELDS),
+            "pairs": caps["pairs"] * len(PAIR_FIELDS),
+            "rows": caps["rows"] * len(ROW_FIELDS),
+            "pc_tlo": caps["pcs"],
+            "pages": caps["pages"],
+            "trig": caps["pairs"] * 2 * half,
+        }
+        offsets, total = {}, 0
+        for name, size in sizes.items():
+            offsets[name] = total
+            total += -(-size // 4) * 4  # 16-byte aligned sections
+        self.buffer = torch.zeros(total, dtype=torch.int32, device=device)
+        view = {name: self.buffer[offsets[name] : offsets[name] + size] for name, size in sizes.items()}
+        self.count = view["count"]
+        self.items = view["items"].view(-1, len(ITEM_FIELDS))
+        self.pairs = view["pairs"].view(-1, len(PAIR_FIELDS))
+        self.rows = view["rows"].view(-1, len(ROW_FIELDS))
+        self.pc_tlo, self.pages = view["pc_tlo"], view["pages"]
+        self.trig = view["trig"].view(torch.float32).view(-1, 2, half)
+        shape = (caps["pcs"], q_heads, caps["T"])
+        self.m = torch.empty(shape, dtype=torch.float32, device=device)
+        self.l = torch.empty(shape, dtype=torch.float32, device=device)
+        self.acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=device)
+
+    @classmethod
+    def allocate(cls, rows: int, items: int, pairs: int, pcs: int, pages: int, T: int, q_heads: int,
+                 groups: int, head_dim: int, page_size: int, device, chunk: int = 256, block_m: int = 64) -> DeviceMeta:
+        """Buffers for any pass within these capacities (once, before capturing graphs)."""
+        caps = {"rows": rows, "items": items, "pairs": pairs, "pcs": pcs, "pages": pages, "T": T}
+        return cls(caps, q_heads, groups, head_dim, page_size, chunk, block_m, device)
+
+    @classmethod
+    def from_host(cls, host: HostMeta, q_heads: int, device) -> DeviceMeta:
+        """Exactly sized buffers for one pass, filled (the eager path)."""
+        meta = cls.allocate(
+            max(1, len(host.rows)), max(1, len(host.items)), max(1, len(host.pairs)), max(1, len(host.pc_tlo)),
+            max(1, len(host.pages)), host.T, q_heads, host.groups, host.head_dim, host.page_size, device,
+            host.chunk, host.block_m,
+        )
+        meta.fill(host)
+        return meta
+
+    def fill(self, host: HostMeta) -> None:
+        """Copy a pass's metadata in place (non-blocking host-to-device copies; no host sync).
+
+        Raises ValueError when the pass does not fit the capacities or settings (re-plan, or
+        allocate a bigger bucket).
+        """
+        settings = (host.groups, host.head_dim, host.page_size, host.chunk, host.block_m)
+        if settings != (self.groups, self.head_dim, self.page_size, self.chunk, self.block_m):
+            raise ValueError(f"pass built for (groups, head_dim, page_size, chunk, block_m) = {settings}, "
+                             f"buffers for {(self.groups, self.head_dim, self.page_size, self.chunk, self.block_m)}")
+        used = {"rows": len(host.rows), "items": len(host.items), "pairs": len(host.pairs),
+                "pcs": len(host.pc_tlo), "pages": len(host.pages), "T": host.T}
+        over = [f"{k} {n} > {self.caps[k]}" for k, n in used.items() if n > self.caps[k]]
+        if over:
+            raise ValueError("pass exceeds the metadata capacities: " + ", ".join(over))
+        rows = np.zeros((self.caps["rows"], len(ROW_FIELDS)), dtype=np.int32)
+        rows[: len(host.rows)] = host.rows
+        copies = [
+            (self.count, np.array([len(host.items)], dtype=np.int32)),
+            (self.items, host.items),
+            (self.pairs, host.pairs),
+            (self.rows, rows),
+            (self.pc_tlo, host.pc_tlo),
+            (self.pages, host.pages),
+            (self.trig, host.trig),
+        ]
+        for dst, src in copies:
+            if len(src):
+                dst[: len(src)].copy_(torch.from_numpy(src), non_blocking=True)
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, k_ptr, v_ptr, count_ptr, items_ptr, pairs_ptr, pages_ptr, trig_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd, stride_kh, stride_ks, stride_vh, stride_vs,
+    ws_pc, ws_h, qk_scale,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One work item x one K/V head: partial softmax of its queries over its key chunk."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    item = tl.program_id(0)
+    h = tl.program_id(1)
+    if item >= tl.load(count_ptr):
+        return
+    it = items_ptr + item * 8
+    pair0 = tl.load(it)
+    n_pairs = tl.load(it + 1)
+    t0 = tl.load(it + 2)
+    nt = tl.load(it + 3)
+    k0 = tl.load(it + 4)
+    k1 = tl.load(it + 5)
+    chunk = tl.load(it + 6)
+    page_base = tl.load(it + 7)
+
+    # Tile row r = (pair, group member, token) of the item.
+    r = tl.arange(0, BLOCK_M)
+    p_local = r // (GROUPS * nt)
+    g = (r // nt) % GROUPS
+    t = t0 + r % nt
+    in_item = p_local < n_pairs
+    pair = pair0 + p_local
+    pm = pairs_ptr + pair * 6
+    row = tl.load(pm, mask=in_item, other=0)
+    limit = tl.load(pm + 1, mask=in_item, other=0)
+    qstart = tl.load(pm + 2, mask=in_item, other=0)
+    n_new = tl.load(pm + 3, mask=in_item, other=0)
+    pc0 = tl.load(pm + 4, mask=in_item, other=0)
+    n_chunks = tl.load(pm + 5, mask=in_item, other=0)
+    valid = in_item & (t < n_new)
+    hi = tl.where(valid, tl.minimum(limit - 1, qstart + t), -1)  # last key each row sees
+    hq = h * GROUPS + g
+
+    # Rotate the queries by their pair's delta in fp32: (q1, q2) -> (q1 c - q2 s, q2 c + q1 s).
+    offs_h = tl.arange(0, HALF_P)
+    hmask = offs_h < HALF
+    qmask = valid[:, None] & hmask[None, :]
+    q_row = row.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh + t.to(tl.int64) * stride_qt
+    q_ptrs = q_ptr + q_row[:, None] + offs_h[None, :] * stride_qd
+    q1 = tl.load(q_ptrs, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptrs + HALF * stride_qd, mask=qmask, other=0.0).to(tl.float32)
+    trig = trig_ptr + pair.to(tl.int64)[:, None] * (2 * HALF) + offs_h[None, :]
+    cos = tl.load(trig, mask=qmask, other=0.0)
+    sin = tl.load(trig + HALF, mask=qmask, other=0.0)
+    q1r = (q1 * cos - q2 * sin).to(DOT_DTYPE)
+    q2r = (q2 * cos + q1 * sin).to(DOT_DTYPE)
+
+    offs_d = tl.arange(0, D_P)
+    dmask = offs_d < HEAD_DIM
+    k_head = k_ptr + h.to(tl.int64) * stride_kh
+    v_head = v_ptr + h.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
+    for n0 in range(k0, k1, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_chunk = offs_n < k1
+        page = tl.load(pages_ptr + page_base + offs_n // PAGE, mask=in_chunk, other=0)
+        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
+        kmask = hmask[:, None] & in_chunk[None, :]
+        k_ptrs = k_head + slot[None, :] * stride_ks + offs_h[:, None]  # [HALF_P, BLOCK_N]
+        kt1 = tl.load(k_ptrs, mask=kmask, other=0.0).to(DOT_DTYPE)
+        kt2 = tl.load(k_ptrs + HALF, mask=kmask, other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q1r, kt1, input_precision=PRECISION)
+        s = tl.dot(q2r, kt2, s, input_precision=PRECISION)
+        seen = (offs_n[None, :] <= hi[:, None]) & in_chunk[None, :]
+        s = tl.where(seen, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing stay at 0
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_head + slot[:, None] * stride_vs + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=in_chunk[:, None] & dmask[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    keep = valid & (chunk < n_chunks)  # a pair of a run need not reach every chunk of the run
+    ws = (pc0 + chunk).to(tl.int64) * ws_pc + hq.to(tl.int64) * ws_h + t
+    tl.store(m_ptr + ws, m_i, mask=keep)
+    tl.store(l_ptr + ws, l_i, mask=keep)
+    tl.store(acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, T,
+    stride_ob, stride_ot, stride_oh, ws_pc, ws_h,
+    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One row x query head x token tile: log-sum-exp merge of the row's pcs into out."""
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D_P)
+    dmask = offs_d < HEAD_DIM
+    start = tl.load(rows_ptr + b * 3).to(tl.int64)  # int64 loop: pc * ws_pc may pass 2**31
+    end = tl.load(rows_ptr + b * 3 + 1).to(tl.int64)
+    real = offs_t < tl.load(rows_ptr + b * 3 + 2)
+    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, D_P], tl.float32)
+    for pc in range(start, end):
+        use = real & (offs_t >= tl.load(pc_tlo_ptr + pc))
+        ws = pc * ws_pc + hq * ws_h + offs_t
+        m_pc = tl.load(m_ptr + ws, mask=use, other=float("-inf"))
+        l_pc = tl.load(l_ptr + ws, mask=use, other=0.0)
+        acc_pc = tl.load(acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], mask=use[:, None] & dmask[None, :],
+                         other=0.0)
+        m_new = tl.maximum(m_run, m_pc)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_ref)
+        beta = tl.exp2(m_pc - m_ref)
+        l_run = l_run * alpha + l_pc * beta
+        acc = acc * alpha[:, None] + acc_pc * beta[:, None]
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]  # nothing seen (padding): zeros
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + offs_t[:, None] * stride_ot + hq * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & dmask[None, :])
+
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def triton_attention(
+    query: torch.Tensor, layer_keys: torch.Tensor, layer_values: torch.Tensor, meta: DeviceMeta, scaling: float
+) -> torch.Tensor:
+    """Concurrent attention of a pass's rows over their views (two launches, capture-safe).
+
+    query: [B, Hq, T, D] new queries rotated at their local positions (B <= row capacity, T <=
+    the T capacity); layer_keys, layer_values: [kv_heads, slots, D] one layer of the pool (last
+    dim contiguous); scaling: softmax scale. Returns out [B, T, Hq, D] in query's dtype, zeros at
+    padding. On CPU tensors (Triton's interpreter) tiles are computed in fp32.
+    """
+    B, Hq, T, D = query.shape
+    Hkv = layer_keys.shape[0]
+    if (Hq, Hq // Hkv, D) != (meta.q_heads, meta.groups, meta.head_dim) or Hq % Hkv:
+        raise ValueError(f"query {tuple(query.shape)} and {Hkv} K/V heads do not match the metadata's "
+                         f"{meta.q_heads} heads, {meta.groups} groups, head_dim {meta.head_dim}")
+    if B > meta.caps["rows"] or T > meta.caps["T"]:
+        raise ValueError(f"query {tuple(query.shape)} exceeds the capacities {meta.caps}")
+    if layer_keys.stride(-1) != 1 or layer_values.stride(-1) != 1:
+        raise ValueError("the K/V pool's last dimension must be contiguous")
+    dot_dtype = tl.float32 if query.device.type == "cpu" else _DOT_DTYPES[layer_keys.dtype]
+    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+    D_P = triton.next_power_of_2(D)
+    ws_pc, ws_h = meta.m.stride(0), meta.m.stride(1)
+    _partial_kernel[(meta.caps["items"], Hkv)](
+        query, layer_keys, layer_values, meta.count, meta.items, meta.pairs, meta.pages, meta.trig,
+        meta.m, meta.l, meta.acc,
+        *query.stride(), layer_keys.stride(0), layer_keys.stride(1), layer_values.stride(0), layer_values.stride(1),
+        ws_pc, ws_h, scaling * _LOG2E,
+        GROUPS=meta.groups, HEAD_DIM=D, HALF_P=triton.next_power_of_2(D // 2), D_P=D_P, PAGE=meta.page_size,
+        BLOCK_M=meta.block_m, BLOCK_N=max(16, min(64, 1 << (meta.chunk.bit_length() - 1))),
+        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4, num_stages=2,
+    )
+    out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
+    block_t = max(2, min(16, triton.next_power_of_2(T)))
+    _merge_kernel[(B, Hq, math.ceil(T / block_t))](
+        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, T,
+        out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h,
+        HEAD_DIM=D, D_P=D_P, BLOCK_T=block_t, num_warps=4,
+    )
+    return out
