@@ -1,14 +1,17 @@
 """``hogwild serve``: an OpenAI-compatible server with continuous batching and a live web page.
 
-The app lives in ``hogwild.server.app`` (``create_app(engine, max_sessions, queue_size)``); this
-module only registers the sub-command, so that ``hogwild --help`` does not import FastAPI.
+The app lives in ``hogwild.server.app`` (``create_app(engine, max_sessions, queue_size, ...)``);
+this module only registers the sub-command, so that ``hogwild --help`` does not import FastAPI.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
+
+API_KEY_ENV = "HOGWILD_API_KEY"
 
 
 def register(sub) -> None:
@@ -23,6 +26,18 @@ def register(sub) -> None:
                    help="requests that may wait for a session slot; beyond it they get 503 (default 32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; leave a core to the web server)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, how long running requests may finish before they are ended "
+                        "(default 30; a second signal ends them at once)")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated Host names to answer besides localhost names and the bound address "
+                        "(guards against DNS rebinding); '*' answers any")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this key as 'Authorization: Bearer KEY' on /v1/... (default: ${API_KEY_ENV}, "
+                        "else none)")
+    p.add_argument("--docs", action="store_true", help="serve the API docs at /docs and /openapi.json")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB; a larger one gets 413 (default 4)")
     add_model_arguments(p)
     p.set_defaults(func=run_serve)
 
@@ -30,10 +45,12 @@ def register(sub) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
-    from ..cli_args import load_from_args
+    from ..cli_args import load_from_args, runner_options
     from ..engine.engine import Engine
     from ..errors import InputError
     from .app import create_app
+    from .lifecycle import DrainingServer
+    from .security import allowed_hosts
 
     if args.max_sessions < 1:
         raise InputError(f"--max-sessions must be at least 1, got {args.max_sessions}")
@@ -41,14 +58,26 @@ def run_serve(args) -> int:
         raise InputError(f"--queue-size must be >= 0, got {args.queue_size}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be between 0 and 65535, got {args.port}")
+    if not args.drain_seconds >= 0:
+        raise InputError(f"--drain-seconds must be >= 0, got {args.drain_seconds}")
+    if not args.max_body_mb > 0:
+        raise InputError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = Engine(load_from_args(args))
-    app = create_app(engine, args.max_sessions, args.queue_size)
+    engine = Engine(load_from_args(args), **runner_options(args))
+    hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
+    app = create_app(engine, args.max_sessions, args.queue_size, hosts=hosts, api_key=api_key, docs=args.docs,
+                     max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    server = DrainingServer(config, app.state.hogwild.scheduler, args.drain_seconds)
     print(f"hogwild: serving {engine.model.name} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once the server is down
+        pass
     return 0

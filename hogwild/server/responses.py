@@ -1,0 +1,202 @@
+"""What the server sends back: errors in OpenAI's shape, completions and server-sent event streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+
+import anyio
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..engine.engine import Engine
+from ..engine.events import AnswerEvent, Event, Result, StepEvent, StepStartEvent, TokenEvent
+from ..engine.session import SolveConfig
+from .scheduler import Failed, Finished, Job, Scheduler, Update
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 2  # what a 503 tells clients to wait before they try again
+MAX_MESSAGE_CHARS = 2000
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    scheduler: Scheduler
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# -- errors -------------------------------------------------------------------------------------
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def dumps(body: dict) -> str:
+    """JSON as ASCII: any text, even a lone surrogate echoed from a request, encodes safely."""
+    return json.dumps(body, ensure_ascii=True, allow_nan=False)
+
+
+def error_response(status: int, message: str, kind: str | None = None, code: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    """An error in OpenAI's shape; a 503 says when to retry."""
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+    return Response(dumps(error_body(message, kind, code, param)), status, headers, "application/json")
+
+
+def json_response(body: dict, status: int = 200) -> Response:
+    return Response(dumps(body), status, media_type="application/json")
+
+
+# -- completions --------------------------------------------------------------------------------
+EVENT_TYPES = {TokenEvent: "token", StepStartEvent: "step_start", StepEvent: "step", AnswerEvent: "answer"}
+
+
+def event_json(event: Event) -> dict:
+    return {"type": EVENT_TYPES.get(type(event), type(event).__name__), **asdict(event)}
+
+
+def finish_reason(result: Result, budget: int) -> str:
+    """OpenAI's finish reason: "stop" when a worker wrote the answer, "length" when the budget ran out."""
+    if result.answered_by == "finisher" or (result.answered_by == "vote" and result.forward_passes >= budget):
+        return "length"
+    return "stop"
+
+
+def transcript(result: Result) -> dict:
+    """The ``hogwild`` extension of a response: the answer and who gave it, every worker's text
+    and the shared history of finished steps."""
+    return {
+        "answer": result.answer, "answered_by": result.answered_by, "layout": result.layout,
+        "forward_passes": result.forward_passes, "tokens_generated": result.tokens_generated,
+        "elapsed_s": round(result.elapsed_s, 4), "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "interrupted": result.interrupted,
+        "workers": [{"name": w.name, "text": w.text} for w in result.workers],
+        "history": [{"worker": h.worker, "step": h.step, "text": h.text} for h in result.history],
+    }
+
+
+def usage(prompt_tokens: int, result: Result | None) -> dict:
+    """``completion_tokens`` counts the tokens of all workers (about workers x passes), so it may
+    exceed ``max_tokens``, which counts forward passes."""
+    completion = result.tokens_generated if result else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+@dataclass
+class Reply:
+    """What the response of one job needs besides the job."""
+
+    state: ServerState
+    config: SolveConfig
+    prompt_tokens: int
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, job: Job, result: Result) -> dict:
+        return {
+            "id": job.id, "object": "chat.completion", "created": self.created,
+            "model": self.state.model_name, "system_fingerprint": None,
+            "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": result.answer or ""},
+                "logprobs": None, "finish_reason": finish_reason(result, self.config.budget),
+            }],
+            "usage": usage(self.prompt_tokens, result),
+            "hogwild": transcript(result),
+        }
+
+    def chunk(self, job: Job, delta: dict | None, hogwild: dict | None = None, finish: str | None = None,
+              result: Result | None = None) -> str:
+        """One server-sent event with a ``chat.completion.chunk``; ``delta=None`` is the usage chunk."""
+        body = {"id": job.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.state.model_name, "system_fingerprint": None}
+        if delta is None:
+            body.update(choices=[], usage=usage(self.prompt_tokens, result))
+        else:
+            body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        if hogwild is not None:
+            body["hogwild"] = hogwild
+        return f"data: {dumps(body)}\n\n"
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so that its ``finally`` (which
+    cancels the session) runs at once when the client goes away mid-send."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+async def complete(job: Job, queue: asyncio.Queue, reply: Reply, request: Request) -> Response:
+    """Wait for a non-streaming job; a client that goes away cancels it."""
+    done = False
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=0.25)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    log.info("client of %s went away: cancelled", job.id)
+                    return Response(status_code=499)
+                continue
+            if isinstance(item, Failed):
+                done = True
+                return error_response(item.status, item.message, code=item.code)
+            if isinstance(item, Finished):
+                done = True
+                return json_response(reply.completion(job, item.result))
+    finally:
+        if not done:
+            reply.state.scheduler.cancel(job)
+
+
+async def stream_chunks(job: Job, queue: asyncio.Queue, reply: Reply) -> AsyncIterator[str]:
+    """Server-sent events: OpenAI chunks whose ``hogwild`` field carries the workers' events."""
+    done = False
+    config = reply.config
+    try:
+        names = [reply.state.engine.protocol.name(i) for i in range(config.workers)]
+        yield reply.chunk(job, {"role": "assistant", "content": ""}, {
+            "workers": names, "layout": config.layout, "budget": config.budget, "prompt_tokens": reply.prompt_tokens,
+        })
+        while True:
+            item = await queue.get()
+            if isinstance(item, Update):
+                if item.events:
+                    yield reply.chunk(job, {}, {
+                        "forward_passes": item.forward_passes, "tokens_generated": item.tokens_generated,
+                        "events": [event_json(e) for e in item.events],
+                    })
+                continue
+            done = True
+            if isinstance(item, Failed):
+                kind = "invalid_request_error" if item.status < 500 else "server_error"
+                yield f"data: {dumps(error_body(item.message, kind, item.code))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            result = item.result
+            yield reply.chunk(job, {"content": result.answer or ""})
+            yield reply.chunk(job, {}, {"result": transcript(result)}, finish_reason(result, config.budget))
+            if reply.include_usage:
+                yield reply.chunk(job, None, result=result)
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        if not done:
+            log.info("client of %s went away mid-stream: cancelled", job.id)
+            reply.state.scheduler.cancel(job)
