@@ -48,8 +48,8 @@ def hogwild_attention(module, query, key, value, attention_mask, scaling, dropou
     if plan.backend == "triton":
         from .layers.triton_attention import triton_attention
 
-        return triton_attention(query, plan.cache.keys[module.layer_idx], plan.cache.values[module.layer_idx],
-                                plan.triton, scaling), None
+        layer = module.layer_idx
+        return triton_attention(query, plan.cache.keys[layer], plan.cache.values[layer], plan.triton, scaling), None
     method = reference_attention if plan.reference else concurrent_attention
     return method(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 

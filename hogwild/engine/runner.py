@@ -14,7 +14,7 @@ import torch
 
 from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
-from ..layers.attention import BACKENDS, PassPlan, Row, ViewEntry
+from ..layers.attention import BACKENDS, PassPlan, Row, StaticBuffers, ViewEntry
 from ..model import LoadedModel
 
 
@@ -33,7 +33,9 @@ def plan_pass(
     dtype: torch.dtype,
     max_positions: int,
     backend: str = "torch",
+    groups: int = 1,
     gather_below: int = 256,
+    static: StaticBuffers | None = None,
 ) -> PassPlan:
     """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks,
     and room in the pool for every worker's new tokens.
@@ -62,7 +64,7 @@ def plan_pass(
         rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
     for row in rows:  # CacheFullError here leaves only spare pages behind: nothing is written yet
         cache.reserve(row.write, row.start + row.n_new)
-    return PassPlan(rows, cache, scaling, dtype, backend, gather_below)
+    return PassPlan(rows, cache, scaling, dtype, backend, groups, gather_below, static)
 
 
 class PassCache:
@@ -150,10 +152,10 @@ class Runner:
             graphs = attention == "triton" and model.device.type == "cuda"
         return cls(model, cache, attention, graphs)
 
-    def plan(self, steps: list[WorkerStep], reference: bool = False) -> PassPlan:
+    def plan(self, steps: list[WorkerStep], reference: bool = False, static: StaticBuffers | None = None) -> PassPlan:
         m = self.model
         backend = "reference" if reference else self.attention
-        return plan_pass(steps, self.cache, m.scaling, m.dtype, m.max_positions, backend)
+        return plan_pass(steps, self.cache, m.scaling, m.dtype, m.max_positions, backend, m.groups, static=static)
 
     @torch.no_grad()  # not inference_mode: cache tensors are updated in place outside passes too
     def forward(self, steps: list[WorkerStep], reference: bool = False) -> torch.Tensor:
@@ -178,13 +180,17 @@ class Runner:
             position_ids[i] = row.start + torch.arange(T)  # local positions in the own block
         pass_cache = PassCache(plan)
         hidden = self.model.hidden_states(input_ids.to(device), position_ids.to(device), pass_cache, plan)
-        if len(pass_cache.layers_written) != self.model.num_layers:  # never decode from unwritten K/V
+        self.check_written(pass_cache)
+        last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
+        return self.model.logits(hidden[torch.arange(B, device=device), last])
+
+    def check_written(self, pass_cache: PassCache) -> None:
+        """Never decode from unwritten K/V: every layer must have stored through hogwild's cache."""
+        if len(pass_cache.layers_written) != self.model.num_layers:
             raise HogwildError(
                 f"the model stored K/V of {len(pass_cache.layers_written)} of {self.model.num_layers} layers "
                 f"through hogwild's cache: this transformers version passes the cache differently"
             )
-        last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
-        return self.model.logits(hidden[torch.arange(B, device=device), last])
 
     def prefill(self, view: list[Block], token_ids: list[int], chunk: int = 512) -> torch.Tensor:
         """Append many tokens to ``view[-1]`` in chunks; returns the logits after the last: [vocab]."""

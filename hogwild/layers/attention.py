@@ -121,9 +121,29 @@ def by_reader_rows(blocks: list[list[tuple[int, ViewEntry]]]) -> list[list[list[
     return list(clusters.values())
 
 
+@dataclass
+class StaticBuffers:
+    """Device buffers that a captured (CUDA graph) pass reads, refilled in place before each replay.
+
+    slot_mapping: [rows * T] long; meta: the triton backend's ``DeviceMeta`` of the same rows.
+    """
+
+    slot_mapping: torch.Tensor
+    meta: object
+
+
 #: Attention backends: "torch" (the fast path in plain PyTorch), "triton" (one fused kernel per
 #: layer, hogwild/layers/triton_attention.py) and "reference" (the spec, materialised views).
 BACKENDS = ("torch", "triton", "reference")
+
+#: Keys per work item of the triton backend (an 8k block with 4 K/V heads: 32 x 4 = 128 programs).
+TRITON_CHUNK = 256
+
+
+def triton_block_m(groups: int) -> int:
+    """Query rows per triton work item: 64, or the next power of two that holds one GQA group."""
+    return max(64, 1 << (groups - 1).bit_length())
+
 
 #: The pool slot that padded positions of a pass write to (page 0 is never given to a block).
 PAD_SLOT = 0
@@ -147,7 +167,9 @@ class PassPlan:
         scaling: float,
         dtype: torch.dtype,
         backend: str = "torch",
+        groups: int = 1,
         gather_below: int = 256,
+        static: StaticBuffers | None = None,
     ):
         self.rows = rows
         self.cache = cache
@@ -160,11 +182,23 @@ class PassPlan:
         slots = []
         for row in rows:
             slots += row.write.slots(row.start, row.start + row.n_new) + [PAD_SLOT] * (self.T - row.n_new)
-        self.slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        if static is None:
+            self.slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        else:  # a captured pass: refill its buffer in place, padding rows write to the padding slot
+            slots += [PAD_SLOT] * (static.slot_mapping.numel() - len(slots))
+            static.slot_mapping.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+            self.slot_mapping = static.slot_mapping
         if backend == "triton":
-            from .triton_attention import plan_triton
+            from .triton_attention import DeviceMeta, build_meta
 
-            self.triton = plan_triton(self)
+            host = build_meta(
+                rows, self.T, groups, cache.page_size, self.inv_freq, TRITON_CHUNK, triton_block_m(groups)
+            )
+            if static is None:
+                self.triton = DeviceMeta.from_host(host, groups * cache.num_kv_heads, device)
+            else:
+                static.meta.fill(host)
+                self.triton = static.meta
             return
         if backend == "reference":
             return

@@ -1,0 +1,136 @@
+"""Decode passes replayed as CUDA graphs (the triton backend on CUDA).
+
+A decode pass feeds one token per row. Everything it reads that changes from pass to pass (input
+ids, positions, the slot mapping and the attention metadata: work items, pair rotations, page
+tables) sits in static device buffers that are refilled in place before ``graph.replay()``; one
+graph is captured per bucket of rows (1, 2, 4, 8, ...) and of attention work items, after a
+warm-up that also compiles the Triton kernels. The captured region covers the decoder and the
+LM head; sampling runs after it on the device, so a pass ends with one small copy to the host
+(the sampled tokens). Passes that fit no bucket (prefill, step headers) run the same kernels
+eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..layers.attention import PAD_SLOT, TRITON_CHUNK, StaticBuffers, triton_block_m
+from ..layers.triton_attention import DeviceMeta
+
+log = logging.getLogger(__name__)
+
+#: Rows of a captured decode pass; a pass runs in the smallest bucket that holds its rows.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: Entries of one row's view a captured pass allows (layouts use at most 2 x workers + 4).
+MAX_ENTRIES = 48
+
+
+def bucket(n: int, sizes) -> int | None:
+    """The smallest size >= n, or None."""
+    return next((s for s in sizes if s >= n), None)
+
+
+class Bucket:
+    """One captured decode pass of ``rows`` rows and ``items`` work items: its static buffers,
+    its graph and its output (logits [rows, vocab] float32)."""
+
+    def __init__(self, runner, rows: int, items: int):
+        model, cache = runner.model, runner.cache
+        device = model.device
+        self.rows, self.items = rows, items
+        self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        chunks = -(-model.max_positions // TRITON_CHUNK)
+        meta = DeviceMeta.allocate(
+            rows=rows, items=items, pairs=rows * MAX_ENTRIES, pcs=rows * (chunks + MAX_ENTRIES),
+            pages=cache.num_pages, T=1, q_heads=model.groups * cache.num_kv_heads, groups=model.groups,
+            head_dim=cache.head_dim, page_size=cache.page_size, device=device,
+            chunk=TRITON_CHUNK, block_m=triton_block_m(model.groups),
+        )
+        self.static = StaticBuffers(torch.full((rows,), PAD_SLOT, dtype=torch.long, device=device), meta)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def fill(self, runner, steps) -> None:
+        """Plan the pass into the static buffers (host work plus a few host-to-device copies)."""
+        plan = runner.plan(steps, static=self.static)
+        ids = [s.token_ids[0] for s in steps] + [0] * (self.rows - len(steps))
+        positions = [row.start for row in plan.rows] + [0] * (self.rows - len(steps))
+        self.input_ids.copy_(torch.tensor(ids)[:, None], non_blocking=True)
+        self.position_ids.copy_(torch.tensor(positions)[:, None], non_blocking=True)
+        self.plan = plan
+
+    def run(self, runner) -> torch.Tensor:
+        """The decode pass over the static buffers (what the graph captures)."""
+        from .runner import PassCache
+
+        pass_cache = PassCache(self.plan)
+        hidden = runner.model.hidden_states(self.input_ids, self.position_ids, pass_cache, self.plan)
+        runner.check_written(pass_cache)
+        return runner.model.logits(hidden[:, -1])
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode passes for one Runner; ``fits`` says whether a pass can replay one."""
+
+    def __init__(self, runner, capture: bool | None = None):
+        """capture: record and replay CUDA graphs (default: on CUDA); without it every pass runs
+        eagerly over the same static buffers, which is how the planner is tested on the CPU."""
+        self.runner = runner
+        self.capture = runner.model.device.type == "cuda" if capture is None else capture
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+        self.pool = None
+        self.capture_s = 0.0
+
+    def fits(self, steps) -> bool:
+        if len(steps) > ROW_BUCKETS[-1] or any(len(s.token_ids) != 1 for s in steps):
+            return False
+        return all(len(s.view) <= MAX_ENTRIES for s in steps)
+
+    def forward(self, steps) -> torch.Tensor:
+        """One decode pass by graph replay: logits [len(steps), vocab] float32."""
+        rows = bucket(len(steps), ROW_BUCKETS)
+        items = bucket(self.items_bound(steps), [64 << i for i in range(20)])
+        entry = self.buckets.get((rows, items))
+        if entry is None:
+            entry = self.buckets[(rows, items)] = Bucket(self.runner, rows, items)
+        entry.fill(self.runner, steps)
+        if not self.capture:
+            return entry.run(self.runner)[: len(steps)]
+        if entry.graph is None:
+            self._capture(entry)
+        entry.graph.replay()
+        return entry.logits[: len(steps)].clone()
+
+    def items_bound(self, steps) -> int:
+        """At least the work items ``build_meta`` makes for a decode pass: per block read, its key
+        chunks times the runs of readers that fit one tile."""
+        groups = self.runner.model.groups
+        per_tile = triton_block_m(groups) // groups
+        readers: dict[int, list] = {}
+        for step in steps:
+            for block in step.view:
+                readers.setdefault(block.id, [block.length + 1, 0])[1] += 1
+        return sum(-(-length // TRITON_CHUNK) * -(-n // per_tile) for length, n in readers.values())
+
+    def _capture(self, entry: Bucket) -> None:
+        """Warm up (compiles the kernels, checks every layer writes the cache), then capture."""
+        start = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                entry.run(self.runner)  # the warm-up passes write the same K/V the replay will
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            entry.logits = entry.run(self.runner)
+        entry.graph = graph
+        self.capture_s += time.perf_counter() - start
+        log.info("captured a decode graph for %d rows, %d work items (%.2f s)", entry.rows, entry.items,
+                 time.perf_counter() - start)
