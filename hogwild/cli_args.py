@@ -9,10 +9,23 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model or --random-config, --device and --dtype: what ``load_from_args`` reads."""
+    from .model import RANDOM_CONFIGS
+
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
+    source.add_argument(
+        "--random-config", default=None, choices=list(RANDOM_CONFIGS), metavar="PRESET",
+        help=f"random weights and a noise tokenizer of a built-in shape instead of --model "
+        f"({', '.join(RANDOM_CONFIGS)}; nothing is downloaded)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source_arguments(parser)
     parser.add_argument(
         "--attention", default="auto", choices=["auto", "torch", "triton"],
         help="attention backend: auto = triton with CUDA graphs on CUDA, torch on the CPU",
@@ -24,12 +37,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args):
-    """The LoadedModel that ``--model``, ``--device`` and ``--dtype`` name."""
+    """The LoadedModel that ``--model`` or ``--random-config``, ``--device`` and ``--dtype`` name."""
     import torch
 
-    from .model import load_model
+    from .errors import InputError
+    from .model import load_model, random_model
 
-    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    preset = getattr(args, "random_config", None)
+    if preset is None:
+        return load_model(args.model, device=args.device, dtype=dtype)
+    if args.model is not None:  # argparse refuses both; this guards programmatic callers
+        raise InputError("give either --model or --random-config, not both")
+    return random_model(preset, device=args.device, dtype=dtype)
 
 
 def runner_options(args) -> dict:
