@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .bench import register as register_bench
 from .cli_args import add_model_arguments, load_from_args, runner_options
-from .errors import HogwildError
+from .errors import HogwildError, InputError
 from .evaluate import register as register_eval
 from .server import register as register_serve
 
@@ -238,11 +239,26 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+    tp = getattr(args, "tp", None) or 1
+    follower = tp > 1 and int(os.environ.get("RANK", "0")) > 0
+    if follower:  # rank 0 does all output; a follower only reports its own failures (on stderr)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
         return args.func(args)
     except HogwildError as exc:
-        print(f"hogwild: error: {exc}", file=sys.stderr)
+        if not (follower and isinstance(exc, InputError)):  # input errors: every rank has the same
+            print(f"hogwild: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if tp == 1:
+            raise
+        print(f"hogwild: error: tensor-parallel run failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    finally:
+        if tp > 1:
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-memory", type=float, default=None, metavar="GIB",
         help="size of the K/V pool in GiB (default: 90%% of free GPU memory less 2 GiB; 4 GiB on the CPU)",
     )
+    parser.add_argument(
+        "--tp", type=int, default=None, metavar="K",
+        help="tensor parallel over K ranks by transformers' TP plan; start with torchrun --nproc-per-node K "
+        "(rank 0 does all input and output)",
+    )
 
 
 def load_from_args(args):
@@ -45,6 +50,18 @@ def load_from_args(args):
 
     dtype = getattr(torch, args.dtype)
     preset = getattr(args, "random_config", None)
+    tp = getattr(args, "tp", None)
+    if tp is not None and tp < 1:
+        raise InputError(f"--tp must be at least 1, got {tp}")
+    if tp is not None and tp > 1:
+        if preset is not None:
+            raise InputError("--tp loads a saved model (--model); --random-config is not sharded")
+        model = load_model(args.model, device=args.device, dtype=dtype, tp=tp)
+        if not model.tp.leader:  # a follower rank mirrors rank 0's passes until the run ends, then exits
+            from .distributed import follow
+
+            raise SystemExit(follow(model))
+        return model
     if preset is None:
         return load_model(args.model, device=args.device, dtype=dtype)
     if args.model is not None:  # argparse refuses both; this guards programmatic callers

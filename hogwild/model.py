@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import HogwildError, ModelLoadError, UnsupportedModelError
 from .layers.attention import PassPlan, concurrent_attention, reference_attention
 from .layers.rope import SUPPORTED_ROPE_TYPES
 
@@ -88,6 +88,7 @@ class LoadedModel:
     inv_freq: torch.Tensor
     max_positions: int
     scaling: float
+    tp: object | None = None  # hogwild.distributed.TPGroup under --tp; num_kv_heads is then this rank's
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +113,8 @@ class LoadedModel:
 
     def hidden_states(self, input_ids, position_ids, cache, plan: PassPlan) -> torch.Tensor:
         """Run the decoder. input_ids, position_ids: [B, T] -> last hidden states [B, T, hidden]."""
+        if self.tp is not None:  # rank 0 describes the pass to the other ranks, which run it too
+            self.tp.before_pass(plan, input_ids)
         out = self.model.get_decoder()(
             input_ids=input_ids, position_ids=position_ids, use_cache=True, hogwild_plan=plan,
             **{self.cache_argument: cache},
@@ -204,9 +207,14 @@ def resolve(name_or_path: str | None) -> tuple[str, str]:
 
 
 def load_model(
-    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    tp: int | None = None,
 ) -> LoadedModel:
-    """Load a supported causal LM for hogwild (None = the embedded SmolLM2-135M-Instruct)."""
+    """Load a supported causal LM for hogwild (None = the embedded SmolLM2-135M-Instruct).
+
+    tp: shard it by transformers' TP plan over this many ``torchrun`` ranks (``hogwild.distributed``);
+    the head counts are checked from the config before anything else happens.
+    """
     name, source = resolve(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -216,13 +224,26 @@ def load_model(
             f"Hugging Face hub or in its local cache ({type(exc).__name__})"
         ) from exc
     check_supported(config)
+    group = None
+    if tp is not None and tp > 1:
+        from .distributed import check_heads, init_tp, local_kv_heads
+
+        check_heads(config, tp)  # from the config alone: before the ranks meet or any weight loads
+        group = init_tp(tp, device)
     start = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
+        if group is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
+            model.to(device).eval()
+        else:
+            from .distributed import load_tp_model
+
+            model, _ = load_tp_model(source, tp, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
+    except HogwildError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
-    model.to(device).eval()
     log.info("loaded %s in %.2f s", name, time.perf_counter() - start)
     rotary = model.get_decoder().rotary_emb
     attention = model.get_decoder().layers[0].self_attn
@@ -231,11 +252,12 @@ def load_model(
         tokenizer=tokenizer,
         name=name,
         num_layers=config.num_hidden_layers,
-        num_kv_heads=config.num_key_value_heads,
+        num_kv_heads=config.num_key_value_heads if group is None else local_kv_heads(model, attention.head_dim),
         head_dim=attention.head_dim,
         inv_freq=rotary.inv_freq.detach().float().cpu().clone(),
         max_positions=config.max_position_embeddings,
         scaling=attention.scaling,
+        tp=group,
     )
 
 

@@ -150,6 +150,8 @@ class Runner:
         )
         if graphs is None:
             graphs = attention == "triton" and model.device.type == "cuda"
+        if model.tp is not None:  # tensor parallel: the other ranks mirror this pool; graphs not captured yet
+            cache, graphs = model.tp.lead_cache(cache, attention), False
         return cls(model, cache, attention, graphs)
 
     def plan(self, steps: list[WorkerStep], reference: bool = False, static: StaticBuffers | None = None) -> PassPlan:

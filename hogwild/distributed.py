@@ -1,0 +1,298 @@
+"""Tensor parallelism with transformers' own TP plan: one process per rank under ``torchrun``.
+
+transformers shards each supported model by its TP plan (``DistributedConfig(tp_size=K)``): every
+rank holds Hq/K query and Hkv/K K/V heads, its attention function and cache see only those, and
+the logits come back whole on every rank (the LM head gathers its output).
+
+Rank 0 leads: it runs the front end (terminal, HTTP, files), the sessions and their block
+bookkeeping, and samples. The other ranks *follow*: they hold a pool of the same pages for their
+own heads and no bookkeeping at all. Each operation that touches K/V is described to them on a
+control channel (a gloo group, also under NCCL) before rank 0 runs it:
+
+- ``("cache", pages, page_size, attention)``: rank 0 made a new runner's pool (the followers make
+  theirs, of the same pages; one runner at a time);
+- ``("pass", backend, blocks, rows)``: a forward pass; ``blocks`` maps block id to (pages, length)
+  as they are before the pass, rows are (new token ids, view as block ids). Pages are reserved on
+  rank 0 before it is sent, so the followers write the same slots;
+- ``("move", dst, src, n)``: ``SharedCache.move_prefix`` (key rotations) with both blocks' pages;
+- ``("ping",)`` when rank 0 has sent nothing for a while (the followers' wait has a timeout);
+- ``("stop",)``: the run is over.
+
+Every rank then runs the same forward pass on its heads, so the ranks never diverge; the tokens
+sampled on rank 0 reach the followers as the next pass's new tokens. Collectives time out after
+``HOGWILD_TP_TIMEOUT`` seconds (default 60): a dead rank ends the others with a message instead of
+a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+
+import torch
+
+from .errors import HogwildError, InputError
+
+TIMEOUT_ENV = "HOGWILD_TP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class TPError(HogwildError):
+    """A tensor-parallel rank failed or could not be reached."""
+
+
+def check_heads(config, tp: int) -> None:
+    """Refuse a TP size that does not divide the model's head counts (from the config alone)."""
+    if tp < 1:
+        raise InputError(f"--tp must be at least 1, got {tp}")
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    if hq % tp or hkv % tp:
+        sizes = [k for k in range(2, hkv + 1) if hq % k == 0 and hkv % k == 0]
+        raise InputError(
+            f"--tp {tp} does not divide the model's heads ({hq} query heads, {hkv} K/V heads): every rank "
+            f"needs whole heads; tensor-parallel sizes that fit: {', '.join(map(str, sizes)) or 'none'}"
+        )
+
+
+def timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise InputError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise InputError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
+    return value
+
+
+def tp_device(device: str | torch.device, tp: int) -> torch.device:
+    """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per rank)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", tp))
+    available = torch.cuda.device_count()
+    if local_ranks > available:
+        raise InputError(f"{local_ranks} ranks on this node but only {available} GPUs: one GPU per rank is needed")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class TPGroup:
+    """The process group of one tensor-parallel run and its control channel (see the module doc)."""
+
+    def __init__(self, size: int, device: torch.device, timeout: float):
+        import torch.distributed as dist
+
+        self.size = size
+        self.device = device
+        self.timeout = timeout
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        delta = datetime.timedelta(seconds=timeout)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=delta)
+        self.rank = dist.get_rank()
+        self.control = dist.new_group(backend="gloo", timeout=delta)
+        self._lock = threading.Lock()
+        self._last_sent = time.monotonic()
+        self._stopped = False
+        self._cache = None  # rank 0: the pool the followers mirror
+        if self.rank == 0:
+            threading.Thread(target=self._heartbeat, name="hogwild-tp-ping", daemon=True).start()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    # -- the channel ---------------------------------------------------------------------------
+    def send(self, op: tuple) -> None:
+        import torch.distributed as dist
+
+        with self._lock:
+            if self._stopped:
+                raise TPError("the tensor-parallel group is stopped")
+            try:
+                dist.broadcast_object_list([op], src=0, group=self.control)
+            except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError subclasses
+                raise TPError(f"a tensor-parallel rank is gone ({type(exc).__name__}: {exc})") from exc
+            self._last_sent = time.monotonic()
+
+    def receive(self) -> tuple:
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def _heartbeat(self) -> None:
+        """Rank 0: keep idle followers' waits under the timeout; exit the process if a rank is lost."""
+        interval = self.timeout / 4
+        while True:
+            time.sleep(interval / 2)
+            if self._stopped:
+                return
+            if time.monotonic() - self._last_sent < interval or self._lock.locked():
+                continue
+            try:
+                self.send(("ping",))
+            except TPError as exc:
+                if self._stopped:
+                    return
+                print(f"hogwild: error: rank 0: {exc}; exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def stop(self) -> None:
+        """Rank 0: tell the followers the run is over, then leave the group."""
+        import torch.distributed as dist
+
+        if self.leader and not self._stopped:
+            try:
+                self.send(("stop",))
+            except TPError:
+                pass
+        self._stopped = True
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- rank 0's hooks (the runner's cache, each pass) ----------------------------------------
+    def lead_cache(self, cache, attention: str):
+        """Rank 0: the followers make the same pool; ``move_prefix`` is mirrored from now on."""
+        self.send(("cache", cache.num_pages, cache.page_size, attention))
+        self._cache = cache
+        move = cache.move_prefix
+
+        def move_prefix(dst, src, n):
+            cache.reserve(dst, dst.length + n)  # the followers write into the same pages
+            self.send(("move", _ref(dst), _ref(src), n))
+            move(dst, src, n)
+
+        cache.move_prefix = move_prefix
+        return cache
+
+    def before_pass(self, plan, input_ids: torch.Tensor) -> None:
+        """Rank 0: describe the pass (pages already reserved) before running it; followers: nothing.
+
+        input_ids: [B, T] of the pass (row i's new tokens are its first ``n_new``)."""
+        if not self.leader:
+            return
+        if plan.cache is not self._cache:
+            raise TPError("under --tp only the runner made last (Runner.for_model) can run passes")
+        blocks, rows = {}, []
+        ids = input_ids.tolist()
+        for i, row in enumerate(plan.rows):
+            for entry in row.entries:
+                blocks[entry.block.id] = _ref(entry.block)
+            rows.append((ids[i][: row.n_new], [e.block.id for e in row.entries]))
+        self.send(("pass", plan.backend, blocks, rows))
+
+
+def _ref(block) -> tuple:
+    return block.id, block.name, list(block.pages), block.length
+
+
+def _block(ref, page_size: int):
+    from .cache import Block
+
+    block_id, name, pages, length = ref
+    return Block(id=block_id, name=name, page_size=page_size, pages=list(pages), token_ids=[0] * length)
+
+
+# -- set-up and the followers' loop ------------------------------------------------------------
+_GROUP: TPGroup | None = None
+
+
+def current() -> TPGroup | None:
+    """The tensor-parallel group of this process, if any."""
+    return _GROUP
+
+
+def init_tp(tp: int, device: str | torch.device) -> TPGroup:
+    """Join the ``torchrun`` group of ``tp`` ranks (checks: WORLD_SIZE == tp, one GPU per rank)."""
+    global _GROUP
+    if _GROUP is not None:
+        if _GROUP.size != tp:
+            raise InputError(f"this process already runs tensor parallel over {_GROUP.size} ranks, not {tp}")
+        return _GROUP
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        raise InputError(
+            f"--tp {tp} runs one process per rank: start it with torchrun --nproc-per-node {tp} -m hogwild.cli ..."
+        )
+    if int(world) != tp:
+        raise InputError(f"--tp {tp} needs {tp} ranks, but torchrun started {world} (--nproc-per-node x nodes)")
+    device = tp_device(device, tp)
+    _GROUP = TPGroup(tp, device, timeout_s())
+    return _GROUP
+
+
+def shutdown() -> None:
+    """End this process's tensor-parallel group (rank 0 stops the followers first)."""
+    global _GROUP
+    if _GROUP is not None:
+        group, _GROUP = _GROUP, None
+        group.stop()
+
+
+def load_tp_model(source: str, tp: int, device, dtype):
+    """transformers' model sharded by its TP plan over the ``tp`` ranks of this group."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from .model import ATTENTION_NAME
+
+    group = init_tp(tp, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=ATTENTION_NAME, distributed_config=DistributedConfig(tp_size=tp)
+    )
+    return model.to(group.device).eval(), group
+
+
+def local_kv_heads(model, head_dim: int) -> int:
+    """K/V heads held by this rank, from the k_proj weight's local shard (never from the config)."""
+    weight = model.get_decoder().layers[0].self_attn.k_proj.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return local.shape[0] // head_dim
+
+
+def follow(model) -> int:
+    """A follower rank's whole life after loading: mirror rank 0's cache and passes until told to stop."""
+    from .cache import SharedCache
+    from .engine.runner import Runner, WorkerStep
+
+    group = model.tp
+    runner = None
+    try:
+        while True:
+            op = group.receive()
+            kind = op[0]
+            if kind == "ping":
+                continue
+            if kind == "stop":
+                return 0
+            if kind == "cache":
+                _, pages, page_size, attention = op
+                runner = None  # one runner at a time: drop the old pool first
+                cache = SharedCache(
+                    model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype,
+                    model.device, capacity_tokens=(pages - 1) * page_size, page_size=page_size,
+                )
+                runner = Runner(model, cache, attention)
+            elif kind == "move":
+                _, dst, src, n = op
+                size = runner.cache.page_size
+                runner.cache.move_prefix(_block(dst, size), _block(src, size), n)
+            elif kind == "pass":
+                _, backend, refs, rows = op
+                blocks = {i: _block(ref, runner.cache.page_size) for i, ref in refs.items()}
+                steps = [WorkerStep(ids, [blocks[i] for i in view]) for ids, view in rows]
+                if backend != "reference":
+                    runner.attention = backend
+                runner.forward(steps, reference=backend == "reference")
+            else:
+                raise TPError(f"unknown operation {kind!r} from rank 0")
+    except Exception as exc:  # noqa: BLE001 - report any failure of this rank, then end it
+        print(f"hogwild: error: rank {group.rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
