@@ -1,26 +1,67 @@
-"""hogwild: several workers of one LLM decode in parallel over one shared, concurrently updated KV cache."""
+"""hogwild: several workers of one LLM decode in parallel over one shared, concurrently updated KV cache.
+
+The public API: ``Engine`` (load a model once; ``solve`` / ``stream`` problems), ``SamplingParams``,
+the events a stream yields, and the lower-level ``Runner``, ``SharedCache`` and ``generate``.
+"""
 
 from .cache import Block, SharedCache
+from .engine.engine import Engine
+from .engine.events import (
+    AnswerEvent,
+    DoneEvent,
+    Event,
+    HistoryStep,
+    PassEvent,
+    Result,
+    SnapshotEvent,
+    StepEvent,
+    StepStartEvent,
+    TokenEvent,
+    WorkerText,
+)
 from .engine.generate import GenerateResult, generate
 from .engine.runner import Runner, WorkerStep
-from .errors import ContextOverflowError, HogwildError, InputError, ModelLoadError, UnsupportedModelError
+from .engine.session import Session, SolveConfig
+from .errors import (
+    CacheFullError,
+    ContextOverflowError,
+    HogwildError,
+    InputError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from .model import LoadedModel, load_model, ordinary_attention
 from .sampling import Sampler, SamplingParams
 
 __all__ = [
+    "AnswerEvent",
     "Block",
+    "CacheFullError",
     "ContextOverflowError",
+    "DoneEvent",
+    "Engine",
+    "Event",
     "GenerateResult",
+    "HistoryStep",
     "HogwildError",
     "InputError",
     "LoadedModel",
     "ModelLoadError",
+    "PassEvent",
+    "Result",
     "Runner",
     "Sampler",
     "SamplingParams",
+    "Session",
     "SharedCache",
+    "SnapshotEvent",
+    "SolveConfig",
+    "StepEvent",
+    "StepStartEvent",
+    "TokenEvent",
     "UnsupportedModelError",
     "WorkerStep",
+    "WorkerText",
     "generate",
     "load_model",
     "ordinary_attention",

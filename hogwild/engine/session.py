@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import Block
-from ..errors import ContextOverflowError, InputError
+from ..errors import CacheFullError, ContextOverflowError, InputError
 from ..protocol import text as rules
 from ..protocol.layouts import HISTORY_LAYOUTS, LAYOUTS, SharedBlocks, finisher_view, view
 from ..protocol.prompts import ProtocolConfig
@@ -155,8 +155,27 @@ class Session:
         self._blocks.append(block)
         return block
 
+    def token_bound(self) -> int:
+        """Pool slots this session is expected to need at most: the prompt, every worker's budget
+        twice (its own block and the history it moves into), headers and the finisher. Step
+        headers are counted at 64 tokens per worker per 64 passes; a run that opens steps far more
+        often can need more."""
+        c, p = self.config, self.protocol
+        headers = 64 * c.workers * (1 + c.budget // 64)
+        return len(self.prompt_ids) + 2 * c.workers * c.budget + headers + 64 + p.finisher_tokens
+
     def start(self) -> None:
-        """Prefill the prompt and the shared headers, and queue each worker's first step."""
+        """Prefill the prompt and the shared headers, and queue each worker's first step.
+
+        Raises CacheFullError before any work when the pool has fewer free slots than
+        ``token_bound`` (a server keeps such a session waiting)."""
+        need = self.token_bound()
+        if need > self.cache.free_tokens:
+            raise CacheFullError(
+                f"the KV cache has {self.cache.free_tokens} free token slots of {self.cache.capacity_tokens}; "
+                f"this run may need up to {need} ({self.config.workers} workers, a budget of "
+                f"{self.config.budget} passes); give the cache more memory (--kv-memory) or lower the budget"
+            )
         t0 = time.perf_counter()
         p = self.protocol
         prompt_ids = self.prompt_ids
