@@ -1,0 +1,247 @@
+"""Tensor parallelism (``--tp K`` under torchrun, gloo on the CPU) against one process.
+
+Every run here is a subprocess: ``python -m torch.distributed.run --standalone --nproc-per-node K``.
+Tiny random Llama and Qwen2 models (heads divisible by 2) run on 2 ranks, the embedded SmolLM2
+(9 query, 3 K/V heads) on 3 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from hogwild.cli import main
+from hogwild.model import random_tokenizer
+
+TINY = {
+    "llama": LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=320, max_position_embeddings=4096,
+    ),
+    "qwen2": Qwen2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=320, max_position_embeddings=4096, rope_theta=1e6,
+    ),
+}
+RUN_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    for name, config in TINY.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        random_tokenizer(config.vocab_size).save_pretrained(path)
+        paths[name] = str(path)
+    return paths
+
+
+def cases(tiny_models):
+    """(model arguments, ranks): 2 ranks on the tiny models, 3 on the embedded SmolLM2."""
+    return {"llama": (["--model", tiny_models["llama"]], 2), "qwen2": (["--model", tiny_models["qwen2"]], 2),
+            "smollm2": ([], 3)}
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def torchrun_cmd(ranks: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "hogwild.cli", *args, "--tp", str(ranks)]
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env(**kw))
+
+
+def hogwild(args: list[str]) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "hogwild.cli", *args])
+
+
+def both(args: list[str], ranks: int) -> tuple[dict, dict]:
+    """The JSON output of one process and of ``ranks`` ranks."""
+    one = hogwild(args)
+    assert one.returncode == 0, one.stderr
+    many = run(torchrun_cmd(ranks, args))
+    assert many.returncode == 0, many.stderr[-3000:]
+    return json.loads(one.stdout), json.loads(many.stdout)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "smollm2"])
+def test_generate_equals_one_process(tiny_models, case):
+    model_args, ranks = cases(tiny_models)[case]
+    args = ["generate", "--prompt", "The cat sat on", "--worker-prefix", "A", "--worker-prefix", "B but",
+            "--max-new-tokens", "8", "--json", *model_args]
+    one, many = both(args, ranks)
+    tokens = [w["token_ids"] for w in one["workers"]]
+    assert [len(t) for t in tokens] == [8, 8]
+    assert [w["token_ids"] for w in many["workers"]] == tokens
+    assert many["forward_passes"] == one["forward_passes"]
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "smollm2"])
+def test_solve_transcript_equals_one_process(tiny_models, case):
+    model_args, ranks = cases(tiny_models)[case]
+    args = ["solve", "What is 2 + 3?", "--workers", "2", "--temperature", "0", "--budget", "6", "--json",
+            *model_args]
+    one, many = both(args, ranks)
+    for out in (one, many):
+        out.pop("elapsed_s")
+    assert one["forward_passes"] == 6 and all(w["text"] for w in one["workers"])
+    assert many == one
+
+
+MOVES = textwrap.dedent("""
+    import json, sys, torch
+    from hogwild.model import load_model
+    from hogwild.distributed import follow, shutdown
+    from hogwild.engine.runner import Runner, WorkerStep
+    model = load_model(sys.argv[1], tp=int(sys.argv[2]))
+    if model.tp is not None and not model.tp.leader:
+        sys.exit(follow(model))
+    runner = Runner.for_model(model, kv_memory=64 << 20)
+    cache = runner.cache
+    prompt, history, own = cache.new_block("prompt"), cache.new_block("history"), cache.new_block("own")
+    runner.prefill([prompt], list(range(10, 50)))
+    runner.forward([WorkerStep([5, 6, 7], [prompt, history])])
+    runner.forward([WorkerStep([60, 61, 62, 63, 64], [prompt, history, own])])
+    cache.move_prefix(history, own, 3)  # keys rotated on every rank
+    logits = runner.forward([WorkerStep([70], [prompt, history, own]), WorkerStep([71], [prompt, history])])
+    print(json.dumps(logits.tolist()))
+    shutdown()
+""")
+
+
+def test_cache_moves_are_mirrored(tiny_models, tmp_path):
+    """move_prefix (the step that goes into the history) rotates keys on every rank alike."""
+    script = tmp_path / "moves.py"
+    script.write_text(MOVES)
+    one = run([sys.executable, str(script), tiny_models["qwen2"], "1"])
+    assert one.returncode == 0, one.stderr
+    many = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                tiny_models["qwen2"], "2"])
+    assert many.returncode == 0, many.stderr[-3000:]
+    expected, got = torch.tensor(json.loads(one.stdout)), torch.tensor(json.loads(many.stdout))
+    assert expected.shape == (2, 320)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_heads_not_divisible_exit_2_before_loading(capsys):
+    """SmolLM2 has 9 query and 3 K/V heads: --tp 2 is refused from the config, naming both."""
+    args = ["generate", "--prompt", "hi", "--tp", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "9 query heads, 3 K/V heads" in err and "fit: 3" in err
+    launched = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    "-m", "hogwild.cli", *args])
+    assert launched.returncode != 0  # torchrun itself exits 1 when a rank fails
+    assert "9 query heads, 3 K/V heads" in launched.stderr and "exitcode  : 2" in launched.stderr
+    assert "Loading weights" not in launched.stderr
+
+
+def test_tp_without_matching_world_size_exit_2(tiny_models, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["generate", "--prompt", "hi", "--model", tiny_models["llama"], "--tp", "2"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["generate", "--prompt", "hi", "--model", tiny_models["llama"], "--tp", "2"]) == 2
+    assert "torchrun started 3" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--model", tiny_models["llama"], "--tp", "0"]) == 2
+    assert "--tp must be at least 1" in capsys.readouterr().err
+
+
+def children(pid: int) -> dict[int, int]:
+    """RANK of each child process of ``pid`` (the ranks torchrun started)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            for item in environ:
+                if item.startswith(b"RANK="):
+                    ranks[int(item[5:])] = int(entry.name)
+    return ranks
+
+
+def test_a_killed_rank_ends_the_run_with_an_error(tiny_models):
+    args = ["generate", "--prompt", "hi", "--max-new-tokens", "100000", "--json", "--model", tiny_models["llama"]]
+    proc = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(HOGWILD_TP_TIMEOUT="10"))
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks := children(proc.pid)) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "torchrun did not start 2 ranks"
+            time.sleep(0.2)
+        time.sleep(8)  # loaded and decoding
+        assert proc.poll() is None
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        assert time.monotonic() - killed < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "Signals.SIGKILL" in stderr or "exitcode  : -9" in stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_under_torchrun(tiny_models):
+    port = free_port()
+    args = ["serve", "--port", str(port), "--model", tiny_models["llama"]]
+    proc = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(HOGWILD_TP_TIMEOUT="20"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        time.sleep(6)  # idle for longer than the followers' ping interval (timeout / 4)
+        body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 4, "temperature": 0,
+                "hogwild": {"workers": 2}}
+        good = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert good.status_code == 200, good.text
+        assert good.json()["hogwild"]["forward_passes"] <= 4
+        bad = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 0}, timeout=30)
+        assert bad.status_code == 400 and "at least 1" in bad.json()["error"]["message"]
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
