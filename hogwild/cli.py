@@ -188,6 +188,7 @@ def run_solve(args) -> int:
             "forward_passes": result.forward_passes,
             "tokens_generated": result.tokens_generated,
             "elapsed_s": round(result.elapsed_s, 4),
+            "timings": {part: round(seconds, 4) for part, seconds in result.timings.items()},
             "model": result.model,
             "layout": result.layout,
         }))

@@ -148,7 +148,8 @@ def test_cli_json_and_transcript(capsys, tmp_path):
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"answer", "workers", "history", "forward_passes", "tokens_generated", "elapsed_s",
-                         "model", "layout"}
+                         "timings", "model", "layout"}
+    assert set(data["timings"]) == {"prefill", "decode", "finisher"}
     assert [w["name"] for w in data["workers"]] == ["Alice", "Bob"]
     assert data["forward_passes"] == 16 and data["tokens_generated"] == 32
     text = transcript.read_text()
