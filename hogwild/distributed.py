@@ -259,11 +259,15 @@ def local_kv_heads(model, head_dim: int) -> int:
 
 def follow(model) -> int:
     """A follower rank's whole life after loading: mirror rank 0's cache and passes until told to stop."""
+    import signal
+
     from .cache import SharedCache
     from .engine.runner import Runner, WorkerStep
 
     group = model.tp
     runner = None
+    # Ctrl-C in a terminal reaches every rank: rank 0 decides how the run ends and says "stop".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         while True:
             op = group.receive()

@@ -238,7 +238,7 @@ def test_server_under_torchrun(tiny_models):
         assert good.json()["hogwild"]["forward_passes"] <= 4
         bad = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 0}, timeout=30)
         assert bad.status_code == 400 and "at least 1" in bad.json()["error"]["message"]
-        proc.send_signal(signal.SIGINT)
+        os.kill(children(proc.pid)[0], signal.SIGINT)  # Ctrl-C to the server (rank 0); it stops the followers
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
