@@ -22,21 +22,25 @@ def inv_freq(head_dim: int) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def random_pass(seed, workers, sessions, kv_heads, groups, head_dim, max_new, page_size, dtype, device):
+def new_cache(kv_heads, head_dim, page_size, dtype, device, tokens=8192):
+    return SharedCache(1, kv_heads, head_dim, inv_freq(head_dim), dtype=dtype, device=device, capacity_tokens=tokens,
+                       page_size=page_size, initial_capacity=page_size)
+
+
+def random_pass(seed, workers, sessions, kv_heads, groups, head_dim, max_new, page_size, dtype, device, cache=None):
     """Sessions of workers over shared blocks grown in interleaved appends (scattered pages).
 
     A view holds some of its session's shared blocks (repeats and empty blocks allowed), maybe
     the other workers' blocks, then its own block. Returns the plan, the query and the layer's
-    K/V writes done as the model's cache update would do them.
+    K/V writes done as the model's cache update would do them (in ``cache``, or a new one).
     """
     g = torch.Generator().manual_seed(seed)
 
     def randint(lo, hi):  # lo..hi inclusive
         return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
-    freq = inv_freq(head_dim)
-    cache = SharedCache(1, kv_heads, head_dim, freq, dtype=dtype, device=device, capacity_tokens=8192,
-                        page_size=page_size, initial_capacity=page_size)
+    if cache is None:
+        cache = new_cache(kv_heads, head_dim, page_size, dtype, device)
 
     def append(block, n):
         cache.reserve(block, block.length + n)
@@ -128,7 +132,7 @@ def test_fill_reuses_capacity_buffers(device):
         fresh, host = run(plan, query, 3, 4, 16)
         reused, _ = run(plan, query, 3, 4, 16, meta=meta)
         counts.append(len(host.items))
-        assert torch.equal(fresh, reused)
+        torch.testing.assert_close(reused, fresh, rtol=1e-6, atol=1e-6)
         check(plan, query, key, reused, 1e-5)
     assert counts[1] > counts[0] and counts[3] < counts[2]
     big, query, _ = random_pass(0, 12, 1, 2, 3, 64, 1, 4, torch.float32, device)
@@ -139,11 +143,11 @@ def test_fill_reuses_capacity_buffers(device):
 def test_shared_block_read_once_per_chunk(device):
     """k rows reading one long block: one work item per chunk (not k), and the right result."""
     head_dim, groups, page_size, chunk = 64, 7, 4, 16
-    cache = SharedCache(1, 1, head_dim, inv_freq(head_dim), device=device, capacity_tokens=1024,
-                        page_size=page_size, initial_capacity=page_size)
+    cache = new_cache(1, head_dim, page_size, torch.float32, device, 1024)
     g = torch.Generator().manual_seed(0)
     prompt = cache.new_block("prompt", 100)
-    cache.write(prompt, 0, 0, torch.randn(1, 100, head_dim, generator=g), torch.randn(1, 100, head_dim, generator=g))
+    kv = torch.randn(2, 1, 100, head_dim, generator=g).to(device)
+    cache.write(prompt, 0, 0, kv[0], kv[1])
     cache.commit(prompt, [0] * 100)
     k = 8
     steps = [WorkerStep([0], [prompt, cache.new_block(f"own{w}")]) for w in range(k)]
@@ -158,3 +162,28 @@ def test_shared_block_read_once_per_chunk(device):
     assert sorted(prompt_items[:, 6].tolist()) == list(range(-(-100 // chunk)))
     assert len(host.pages) == 25 + k  # the prompt's pages once
     check(plan, query, key, out, 1e-5)
+
+
+def test_cuda_graph_replays_refilled_passes(device):
+    """One captured launch pair replays passes of different shapes refilled into the same buffers."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    cache = new_cache(2, 64, 4, torch.float32, device, 16384)
+    meta = DeviceMeta.allocate(rows=8, items=64, pairs=64, pcs=128, pages=cache.num_pages, T=1, q_heads=6, groups=3,
+                               head_dim=64, page_size=4, device=device, chunk=16)
+    passes = [random_pass(seed, w, s, 2, 3, 64, 1, 4, torch.float32, device, cache)
+              for seed, (w, s) in enumerate([(8, 2), (2, 1), (5, 3), (1, 1)])]
+    query = torch.zeros(8, 6, 1, 64, device=device)
+    keys, values = cache.keys[0], cache.values[0]
+    meta.fill(build_meta(passes[0][0].rows, 1, 3, 4, cache.host_inv_freq, 16))
+    triton_attention(query, keys, values, meta, 0.125)  # compile before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_attention(query, keys, values, meta, 0.125)
+    for plan, q, key in passes:
+        meta.fill(build_meta(plan.rows, 1, 3, 4, cache.host_inv_freq, 16))
+        query.zero_()
+        query[: len(q)] = q
+        graph.replay()
+        check(plan, q, key, out[: len(q)], 1e-5)
+        assert not out[len(q) :].any()  # rows past the pass: zeros

@@ -36,8 +36,9 @@ Room for extensions (not built):
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -81,6 +82,29 @@ class HostMeta:
     trig: np.ndarray
 
 
+@functools.lru_cache(maxsize=8)
+def _trig_tables(inv_freq: bytes, hi_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float64 [256 + hi_rows, D/2] of k * inv_freq for k = 0..255, then k = 256 * (0..hi_rows-1)."""
+    inv = np.frombuffer(inv_freq, dtype=np.float64)
+    k = np.concatenate([np.arange(256), 256 * np.arange(hi_rows)]).astype(np.float64)
+    angles = k[:, None] * inv[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
+def rotation_table(deltas: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """cos, sin of ``deltas * inv_freq`` as float32 [n, 2, D/2], float64-exact before the cast.
+
+    deltas: int64 [n]; inv_freq: float64 [D/2]. By angle addition over cached tables
+    (d = 256 hi + lo): numpy's float64 cos costs ~20 ns a value, too much per pass.
+    """
+    mag = np.abs(deltas)
+    hi, lo = mag >> 8, mag & 255
+    cos, sin = _trig_tables(inv_freq.tobytes(), 1 << int(hi.max(initial=0)).bit_length())
+    c_lo, s_lo, c_hi, s_hi = cos[lo], sin[lo], cos[256 + hi], sin[256 + hi]
+    sign = np.sign(deltas)[:, None]
+    return np.stack([c_lo * c_hi - s_lo * s_hi, sign * (s_lo * c_hi + c_lo * s_hi)], 1).astype(np.float32)
+
+
 def build_meta(
     rows: list[Row],
     T: int,
@@ -104,16 +128,16 @@ def build_meta(
 
     readers: dict = {}  # block -> [(n_new, reach, row index, visible, qstart, delta)]
     for r, row in enumerate(rows):
+        own, start, n_new = row.own_offset, row.start, row.n_new
         for e in row.entries:
-            delta = row.own_offset - e.offset
-            qstart = row.start + delta
-            reach = min(e.visible, qstart + row.n_new)  # keys 0..reach-1 are seen by some token
+            delta = own - e.offset
+            reach = min(e.visible, start + delta + n_new)  # keys 0..reach-1 are seen by some token
             if reach > 0:
-                readers.setdefault(e.block, []).append((row.n_new, reach, r, e.visible, qstart, delta))
+                readers.setdefault(e.block, []).append((n_new, reach, r, e.visible, start + delta, delta))
 
-    pairs, items, pages = [], [], []  # pairs: [row, visible, qstart, n_new, chunks, delta]
+    pairs, items, pages = [], [], []  # pairs: (row, visible, qstart, n_new, chunks, delta)
     for block, infos in readers.items():
-        infos.sort(key=lambda x: -x[0])  # rows with many new tokens first: similar ones share runs
+        infos.sort(key=itemgetter(0), reverse=True)  # rows with many new tokens first: alike ones share runs
         base = len(pages)
         pages += block.pages[: -(-max(x[1] for x in infos) // page_size)]
         i = 0
@@ -122,26 +146,23 @@ def build_meta(
             run = infos[i : i + block_m // (groups * nt)]
             p0, i = len(pairs), i + len(run)
             pairs += [(r, vis, qs, n, -(-reach // chunk), d) for n, reach, r, vis, qs, d in run]
-            for t0 in range(0, run[0][0], nt):
+            for t0 in range(0, run[0][0], nt):  # token tiles; a decode run has one
                 reach = max(min(vis, qs + min(t0 + nt, n)) for n, _, _, vis, qs, _ in run if n > t0)
-                for c in range(-(-reach // chunk)):
-                    items.append((p0, len(run), t0, nt, c * chunk, min((c + 1) * chunk, reach), c, base))
+                items += [(p0, len(run), t0, nt, k0, min(k0 + chunk, reach), c, base)
+                          for c, k0 in enumerate(range(0, reach, chunk))]
     items.sort(key=lambda it: it[4] - it[5])  # longest first: the tail of the grid is short work
 
-    by_row: list[list[int]] = [[] for _ in rows]
-    for p, pair in enumerate(pairs):
-        by_row[pair[0]].append(p)
-    pc0 = [0] * len(pairs)
-    row_table, pc_tlo = [], []
-    for r, row in enumerate(rows):
-        start = len(pc_tlo)
-        for p in by_row[r]:
-            pc0[p] = len(pc_tlo)
-            qs = pairs[p][2]
-            pc_tlo += [max(0, c * chunk - qs) for c in range(pairs[p][4])]
-        row_table.append((start, len(pc_tlo), row.n_new))
-
-    angles = np.array([p[5] for p in pairs], dtype=np.float64)[:, None] * inv[None, :]
+    # pcs numbered row by row (a row's pcs are one range), pair by pair, chunk by chunk.
+    table = np.array(pairs, dtype=np.int64).reshape(-1, 6)  # row, visible, qstart, n_new, chunks, delta
+    row_of, qstart, n_chunks = table[:, 0], table[:, 2], table[:, 4]
+    order = np.argsort(row_of, kind="stable")
+    ends = np.cumsum(n_chunks[order])
+    pc0 = np.empty_like(n_chunks)
+    pc0[order] = ends - n_chunks[order]
+    chunk_index = np.arange(ends[-1] if len(ends) else 0) - np.repeat(pc0[order], n_chunks[order])
+    pc_tlo = np.maximum(0, chunk_index * chunk - np.repeat(qstart[order], n_chunks[order]))
+    row_pcs = np.bincount(row_of, weights=n_chunks, minlength=len(rows)).astype(np.int64)
+    row_end = np.cumsum(row_pcs)
     return HostMeta(
         T=T,
         groups=groups,
@@ -150,13 +171,11 @@ def build_meta(
         chunk=chunk,
         block_m=block_m,
         items=np.array(items, dtype=np.int32).reshape(-1, len(ITEM_FIELDS)),
-        pairs=np.array(
-            [(r, vis, qs, n, pc0[p], ch) for p, (r, vis, qs, n, ch, _) in enumerate(pairs)], dtype=np.int32
-        ).reshape(-1, len(PAIR_FIELDS)),
-        rows=np.array(row_table, dtype=np.int32).reshape(-1, len(ROW_FIELDS)),
-        pc_tlo=np.array(pc_tlo, dtype=np.int32),
+        pairs=np.stack([row_of, table[:, 1], qstart, table[:, 3], pc0, n_chunks], 1).astype(np.int32),
+        rows=np.stack([row_end - row_pcs, row_end, [row.n_new for row in rows]], 1).astype(np.int32),
+        pc_tlo=pc_tlo.astype(np.int32),
         pages=np.array(pages, dtype=np.int32),
-        trig=np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32),
+        trig=rotation_table(table[:, 5], inv),
     )
 
 
@@ -203,6 +222,7 @@ class DeviceMeta:
         self.m = torch.empty(shape, dtype=torch.float32, device=device)
         self.l = torch.empty(shape, dtype=torch.float32, device=device)
         self.acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=device)
+        self.filled = (0, 0)
 
     @classmethod
     def allocate(cls, rows: int, items: int, pairs: int, pcs: int, pages: int, T: int, q_heads: int,
@@ -237,6 +257,7 @@ class DeviceMeta:
         over = [f"{k} {n} > {self.caps[k]}" for k, n in used.items() if n > self.caps[k]]
         if over:
             raise ValueError("pass exceeds the metadata capacities: " + ", ".join(over))
+        self.filled = (len(host.rows), host.T)  # the pass's rows and tokens, for the launcher's checks
         rows = np.zeros((self.caps["rows"], len(ROW_FIELDS)), dtype=np.int32)
         rows[: len(host.rows)] = host.rows
         copies = [
@@ -349,39 +370,42 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, T,
+    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr,
     stride_ob, stride_ot, stride_oh, ws_pc, ws_h,
-    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PC_BLOCK: tl.constexpr,
 ):
-    """One row x query head x token tile: log-sum-exp merge of the row's pcs into out."""
+    """One row x query head x token: log-sum-exp merge of the row's pcs, PC_BLOCK at a time."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(2)
     offs_d = tl.arange(0, D_P)
     dmask = offs_d < HEAD_DIM
-    start = tl.load(rows_ptr + b * 3).to(tl.int64)  # int64 loop: pc * ws_pc may pass 2**31
+    start = tl.load(rows_ptr + b * 3).to(tl.int64)  # int64: pc * ws_pc may pass 2**31
     end = tl.load(rows_ptr + b * 3 + 1).to(tl.int64)
-    real = offs_t < tl.load(rows_ptr + b * 3 + 2)
-    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_T], tl.float32)
-    acc = tl.zeros([BLOCK_T, D_P], tl.float32)
-    for pc in range(start, end):
-        use = real & (offs_t >= tl.load(pc_tlo_ptr + pc))
-        ws = pc * ws_pc + hq * ws_h + offs_t
+    if t >= tl.load(rows_ptr + b * 3 + 2):  # padding token (or row): its pcs are empty
+        end = start
+    m_run = float("-inf")
+    l_run = 0.0
+    acc = tl.zeros([D_P], tl.float32)
+    for p0 in range(start, end, PC_BLOCK):
+        pc = p0 + tl.arange(0, PC_BLOCK)
+        use = pc < end
+        use = use & (t >= tl.load(pc_tlo_ptr + pc, mask=use, other=0))  # tokens before tlo did not reach the chunk
+        ws = pc * ws_pc + hq * ws_h + t
         m_pc = tl.load(m_ptr + ws, mask=use, other=float("-inf"))
         l_pc = tl.load(l_ptr + ws, mask=use, other=0.0)
         acc_pc = tl.load(acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], mask=use[:, None] & dmask[None, :],
                          other=0.0)
-        m_new = tl.maximum(m_run, m_pc)
+        m_new = tl.maximum(m_run, tl.max(m_pc, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_ref)
         beta = tl.exp2(m_pc - m_ref)
-        l_run = l_run * alpha + l_pc * beta
-        acc = acc * alpha[:, None] + acc_pc * beta[:, None]
+        l_run = l_run * alpha + tl.sum(l_pc * beta, 0)
+        acc = acc * alpha + tl.sum(acc_pc * beta[:, None], 0)
         m_run = m_new
-    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]  # nothing seen (padding): zeros
-    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + offs_t[:, None] * stride_ot + hq * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & dmask[None, :])
+    out = acc / tl.where(l_run > 0, l_run, 1.0)  # nothing seen (padding): zeros
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + hq * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -402,8 +426,9 @@ def triton_attention(
     if (Hq, Hq // Hkv, D) != (meta.q_heads, meta.groups, meta.head_dim) or Hq % Hkv:
         raise ValueError(f"query {tuple(query.shape)} and {Hkv} K/V heads do not match the metadata's "
                          f"{meta.q_heads} heads, {meta.groups} groups, head_dim {meta.head_dim}")
-    if B > meta.caps["rows"] or T > meta.caps["T"]:
-        raise ValueError(f"query {tuple(query.shape)} exceeds the capacities {meta.caps}")
+    if not meta.filled[0] <= B <= meta.caps["rows"] or not meta.filled[1] <= T <= meta.caps["T"]:
+        raise ValueError(f"query {tuple(query.shape)} must hold the pass's (rows, T) = {meta.filled} "
+                         f"within the capacities {meta.caps}")
     if layer_keys.stride(-1) != 1 or layer_values.stride(-1) != 1:
         raise ValueError("the K/V pool's last dimension must be contiguous")
     dot_dtype = tl.float32 if query.device.type == "cpu" else _DOT_DTYPES[layer_keys.dtype]
@@ -417,13 +442,12 @@ def triton_attention(
         ws_pc, ws_h, scaling * _LOG2E,
         GROUPS=meta.groups, HEAD_DIM=D, HALF_P=triton.next_power_of_2(D // 2), D_P=D_P, PAGE=meta.page_size,
         BLOCK_M=meta.block_m, BLOCK_N=max(16, min(64, 1 << (meta.chunk.bit_length() - 1))),
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4, num_stages=2,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8, num_stages=2,
     )
     out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
-    block_t = max(2, min(16, triton.next_power_of_2(T)))
-    _merge_kernel[(B, Hq, math.ceil(T / block_t))](
-        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, T,
+    _merge_kernel[(B, Hq, T)](
+        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out,
         out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h,
-        HEAD_DIM=D, D_P=D_P, BLOCK_T=block_t, num_warps=4,
+        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16, num_warps=4,
     )
     return out
