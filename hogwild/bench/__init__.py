@@ -1,0 +1,115 @@
+"""``hogwild bench``: decode-step speed and K/V memory of N workers over one shared prompt, hogwild
+against transformers' batched decoding (eager, and compiled with a static cache).
+
+For every (workers N, context L) one prompt of L random token ids (seeded) is decoded by every
+method of ``--methods`` (see ``methods.py``), alternating step by step in one process. A step is
+one decode pass of all N workers, forward pass plus next-token logits, device synchronised;
+greedy tokens are fed back. Reported per method and cell: median ms per step [quartiles] of
+``--steps`` steps after ``--warmup`` untimed ones, worker tokens/s (N / step), K/V bytes after
+the first decoded token, prefill seconds, and ratios against transformers (and
+transformers-compiled). Output: a Markdown table (or ``--json``), ``bench.json``, ``bench.png``;
+``--profile`` adds ``profile.txt`` and a Chrome trace per method (``profile.py``).
+
+Layout: ``methods.py`` (what runs), ``measure.py`` (the grid, skips, machine facts),
+``profile.py`` (torch.profiler), ``report.py`` (table, plot, files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from .measure import BenchConfig, BenchResult, default_methods, run_bench
+from .methods import METHODS
+
+__all__ = ["BenchConfig", "BenchResult", "METHODS", "register", "run_bench"]
+
+log = logging.getLogger(__name__)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or text!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def register(sub) -> None:
+    from ..cli_args import add_model_source_arguments
+
+    p = sub.add_parser("bench", help="decode-step speed and K/V memory: hogwild vs transformers' batched decoding")
+    add_model_source_arguments(p)
+    p.add_argument(
+        "--methods", type=method_list, default=None,
+        help=f"comma-separated, from {', '.join(METHODS)} (default: hogwild-torch,transformers,materialize on "
+        "the CPU; hogwild-triton,hogwild-torch,transformers,transformers-compiled on CUDA)",
+    )
+    p.add_argument("--workers", type=int_list, default=(1, 2, 4), help="worker counts N (default 1,2,4)")
+    p.add_argument("--context", type=int_list, default=(512, 2048), help="shared prompt lengths L (default 512,2048)")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per method and cell (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--kv-memory", type=float, default=None, metavar="GIB",
+        help="K/V pool of each hogwild runner in GiB (default: the longest prompt plus every worker's steps)",
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor",
+        help="torch.compile backend of transformers-compiled (default inductor, mode reduce-overhead; "
+        "eager or aot_eager check the capture without generating code)",
+    )
+    p.add_argument("--profile", action="store_true",
+                   help="also profile a few steps of every method at the largest N and L (torch.profiler)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json, bench.png")
+    p.set_defaults(func=run_bench_command)
+
+
+def run_bench_command(args) -> int:
+    """Returns 1 when a method failed with an unexpected error (the files are written anyway)."""
+    import torch
+
+    from ..cli_args import load_from_args
+    from ..errors import InputError
+    from .report import markdown_table, not_run_line, result_json, write_outputs
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.kv_memory is not None and not args.kv_memory > 0:
+        raise InputError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
+    config = BenchConfig(
+        workers=args.workers, contexts=args.context, methods=args.methods or default_methods(args.device),
+        steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile,
+        kv_memory=None if args.kv_memory is None else int(args.kv_memory * (1 << 30)),
+        compile_backend=args.compile_backend,
+    )
+    model = load_from_args(args)
+    config.validate(model.max_positions)  # before any work
+    result = run_bench(model, config, args.out)
+    write_outputs(result, args.out)
+    if args.json:
+        print(json.dumps(result_json(result)))
+    else:
+        print(markdown_table(result))
+        print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}"
+              + (f", profile.txt and the traces in {args.out}" if result.profile else ""))
+    errors = [s for s in result.skipped() if s["status"] == "error"]
+    for s in errors:
+        log.error("%s", not_run_line(s, len(result.cells)))
+    return 1 if errors else 0

@@ -1,0 +1,106 @@
+"""What ``hogwild bench`` writes: bench.json, a Markdown table, bench.png (and profile.txt)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .measure import BenchResult
+from .profile import profile_text
+
+
+def result_json(result: BenchResult) -> dict:
+    """bench.json's object (the profile's text tables go to profile.txt only)."""
+    out = result.to_json()
+    if out.get("profile"):
+        methods = {k: {f: v for f, v in m.items() if f != "table"} for k, m in out["profile"]["methods"].items()}
+        out["profile"] = {**out["profile"], "methods": methods}
+    return out
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def title(result: BenchResult) -> str:
+    m = result.machine
+    where = m.get("gpu") or f"{m.get('cpu', 'CPU')}, {m.get('threads')} threads"
+    return f"{result.model}, {result.dtype}, {result.device} ({where})"
+
+
+def markdown_table(result: BenchResult) -> str:
+    """One row per cell and method: ms per decode step, median [quartiles]; worker tokens/s; ratios
+    of medians (vs transformers, vs transformers-compiled); MiB of K/V held; prefill s. A method
+    that could not run a cell shows "-"; the reasons follow the table."""
+    compiled = "transformers-compiled" in result.methods
+    head = ["N", "L", "method", "ms/step [quartiles]", "worker tok/s", "vs transformers"]
+    head += ["vs compiled"] if compiled else []
+    head += ["K/V MiB", "prefill s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in result.cells:
+        for name, r in cell.results.items():
+            if r.ok:
+                row = [f"{r.median_ms:.2f} [{r.iqr_ms[0]:.2f}-{r.iqr_ms[1]:.2f}]", f"{r.tokens_per_s:.1f}",
+                       _ratio(r.vs_transformers)] + ([_ratio(r.vs_transformers_compiled)] if compiled else [])
+                row += [_mib(r.kv_bytes), f"{r.prefill_s:.3f}"]
+            else:
+                row = ["-"] * (len(head) - 3)
+            lines.append(f"| {cell.workers} | {cell.context} | {name} | " + " | ".join(row) + " |")
+    text = f"**{title(result)}**\n\n" + "\n".join(lines)
+    skipped = result.skipped()
+    if skipped:
+        text += "\n\nNot run:\n" + "\n".join(f"- {not_run_line(s, len(result.cells))}" for s in skipped)
+    return text
+
+
+def not_run_line(entry: dict, cells: int) -> str:
+    """One entry of ``BenchResult.skipped()`` in words."""
+    where = "every cell" if len(entry["cells"]) == cells else ", ".join(f"N={n} L={L}" for n, L in entry["cells"])
+    return f"{entry['method']} ({where}): {entry['status']}, {entry['reason']}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    """bench.png: median step time (ms) against context, one line per method and worker count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
+    markers = ["o", "s", "^", "D", "v"]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    workers = sorted({c.workers for c in result.cells})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, n in enumerate(workers):
+        cells = sorted((c for c in result.cells if c.workers == n), key=lambda c: c.context)
+        for j, method in enumerate(result.methods):
+            ys = [c.results[method].median_ms if method in c.results and c.results[method].ok else math.nan
+                  for c in cells]
+            if all(math.isnan(y) for y in ys):
+                continue
+            ax.plot([c.context for c in cells], ys, linestyle=styles[j % len(styles)], marker=markers[j % len(markers)],
+                    color=colors[k % len(colors)], label=f"{method}, N={n}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("shared context L (tokens)")
+    ax.set_ylabel("decode step (ms, median)")
+    ax.set_title(f"{title(result)}: decode step time", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=len(workers))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(result: BenchResult, out: Path) -> None:
+    """bench.json, bench.png and, with a profile, profile.txt in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result_json(result), indent=2) + "\n")
+    plot(result, out / "bench.png")
+    if result.profile is not None:
+        (out / "profile.txt").write_text(profile_text(result.profile) + "\n")
