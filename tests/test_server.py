@@ -3,44 +3,33 @@ several sessions in one pass without cross-talk, bad input, disconnects, the que
 
 from __future__ import annotations
 
-import json
-import re
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import torch
+from test_server_support import (  # noqa: F401
+    LONG,
+    assert_openai_error,
+    one_torch_thread,
+    read_tokens,
+    served,
+    wait_for,
+)
+from test_server_support import health as get_health
+from test_server_support import wait_idle as wait_http_idle
 
 from hogwild.cli import main
 from hogwild.engine.engine import Engine
-from hogwild.server.app import create_app, serve_in_thread
 
 BUDGET = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The server's process also runs the event loop and the clients: leave them a core (OpenMP
-    threads spinning on an oversubscribed CPU slow a pass down tenfold and more)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    app = create_app(engine, max_sessions=4, queue_size=4)
-    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as http:
-        yield SimpleNamespace(url=url, engine=engine, http=http)
+def server(model):
+    with served(model, max_sessions=4, queue_size=4) as server:
+        yield server
 
 
 @pytest.fixture
@@ -49,17 +38,11 @@ def client(server):
 
 
 def health(server) -> dict:
-    return server.http.get("/health").json()
+    return get_health(server.http)
 
 
 def wait_idle(server, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = health(server)
-        if stats["live_sessions"] == 0 and stats["queued"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"the server did not become idle: {stats}"
-        time.sleep(0.05)
+    return wait_http_idle(server.http, timeout)
 
 
 def ask(client, problem: str, budget: int = BUDGET, **kwargs):
@@ -92,7 +75,7 @@ def test_openai_client_non_streaming(server, client):
     assert extra["workers"][0]["text"].startswith("**Alice [1]:** Hi, I'm Alice.")
     for step in extra["history"]:
         assert step["worker"] in ("Alice", "Bob") and step["step"] >= 1 and step["text"]
-    assert wait_idle(server)["cache_bytes"] == 0
+    assert wait_idle(server)["cache_bytes"] == server.idle_bytes
 
 
 def test_openai_client_streaming(server, client):
@@ -120,9 +103,7 @@ def test_openai_client_streaming(server, client):
     assert content == (result["answer"] or "")
     # Every worker's tokens arrived as they were generated, and add up to the final transcript.
     assert all(streamed.values())
-    for worker in result["workers"]:  # a step opened in the last pass has only its header streamed
-        rest = streamed[worker["name"]].removeprefix(worker["text"])
-        assert rest == "" or re.fullmatch(r"\*\*\w+ \[\d+\]:\*\* ", rest), (worker, streamed)
+    assert streamed == {w["name"]: w["text"] for w in result["workers"]}
     assert steps == [(h["worker"], h["step"], h["text"]) for h in result["history"]]
     assert usage.completion_tokens == result["tokens_generated"]
     with server.http.stream("POST", "/v1/chat/completions", json={
@@ -146,7 +127,7 @@ def test_concurrent_sessions_batch_without_cross_talk(server, client, model, mon
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda p: ask(client, p), problems))
     monkeypatch.undo()
-    assert wait_idle(server)["cache_bytes"] == 0 and server.engine.runner.cache.nbytes() == 0
+    assert wait_idle(server)["cache_bytes"] == server.engine.runner.cache.nbytes() == server.idle_bytes
 
     assert max(len(rows) for rows in passes) == 8  # the workers of all four sessions in one pass
     # Blocks read together in some row form one session: each such group holds exactly one prompt.
@@ -190,27 +171,19 @@ def test_a_failing_session_does_not_take_the_batch_down(server, client, monkeypa
                 raise RuntimeError("injected fault")
         return forward(steps, *args, **kwargs)
 
-    def tokens(lines, n: int) -> None:
-        seen = 0
-        while seen < n:
-            line = next(lines)
-            if line.startswith("data: {"):
-                seen += sum(e["type"] == "token" for e in json.loads(line[6:]).get("hogwild", {}).get("events", []))
-
     before = wait_idle(server)
     monkeypatch.setattr(server.engine.runner, "forward", faulty_forward)
-    body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 2000, "stream": True}
-    with server.http.stream("POST", "/v1/chat/completions", json=body) as good:
+    with server.http.stream("POST", "/v1/chat/completions", json=LONG) as good:
         lines = good.iter_lines()
-        tokens(lines, 2)
+        read_tokens(lines, 2)
         with pytest.raises(openai.InternalServerError, match="forward pass failed"):
             ask(client, "XYZZY: what is 2 + 2?", 6)
-        tokens(lines, 4)  # the good session goes on
+        read_tokens(lines, 4)  # the good session goes on
     monkeypatch.undo()
     assert faults == [4, 2]  # in the pass shared by both sessions, then in its retry alone
     after = wait_idle(server)
     assert after["failed"] == before["failed"] + 1 and after["cancelled"] == before["cancelled"] + 1
-    assert after["cache_bytes"] == 0
+    assert after["cache_bytes"] == server.idle_bytes
 
 
 BAD = [
@@ -254,57 +227,48 @@ def test_bad_input_through_the_openai_client(server, client):
 
 def test_disconnect_mid_stream_cancels_and_frees_the_cache(server):
     before = wait_idle(server)
-    body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 2000, "stream": True}
-    with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
-        tokens = 0
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                events = json.loads(line[6:]).get("hogwild", {}).get("events", [])
-                tokens += sum(e["type"] == "token" for e in events)
-            if tokens >= 6:
-                break
+    with server.http.stream("POST", "/v1/chat/completions", json=LONG) as response:
+        read_tokens(response.iter_lines(), 6)
         during = health(server)
-        assert during["live_sessions"] == 1 and during["cache_bytes"] > 0
+        assert during["live_sessions"] == 1 and during["cache_bytes"] > server.idle_bytes
     # The client is gone: the session is cancelled and its blocks are freed at once.
     after = wait_idle(server, timeout=30)
-    assert after["cache_bytes"] == 0 and server.engine.runner.cache.nbytes() == 0
+    assert after["cache_bytes"] == server.engine.runner.cache.nbytes() == server.idle_bytes
     assert after["cancelled"] == before["cancelled"] + 1 and after["finished"] == before["finished"]
 
 
 def test_non_streaming_client_that_gives_up_cancels(server):
     before = wait_idle(server)
-    body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 2000}
+    body = {**LONG, "stream": False}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=2.5))
     after = wait_idle(server, timeout=30)
-    assert after["cache_bytes"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["cache_bytes"] == server.idle_bytes and after["cancelled"] == before["cancelled"] + 1
 
 
-def test_requests_beyond_the_slots_wait_and_beyond_the_queue_get_503(model):
-    engine = Engine(model)  # its own cache; the module's server is idle while this one runs
-    app = create_app(engine, max_sessions=1, queue_size=1)
-    body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 2000, "stream": True}
-    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as first:
-            lines = first.iter_lines()
-            while '"token"' not in next(lines):
-                pass
-            with http.stream("POST", "/v1/chat/completions", json=body) as second:
-                assert second.status_code == 200
-                deadline = time.monotonic() + 10
-                while http.get("/health").json()["queued"] != 1:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                third = http.post("/v1/chat/completions", json=body)
-                assert third.status_code == 503
-                assert third.json()["error"]["code"] == "server_busy"
-        deadline = time.monotonic() + 30
-        while (stats := http.get("/health").json())["live_sessions"] or stats["queued"]:
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.05)
-        assert stats["cache_bytes"] == 0 and stats["cancelled"] == 2 and engine.runner.cache.nbytes() == 0
+def test_requests_beyond_the_slots_wait_and_beyond_the_queue_get_503(model, monkeypatch):
+    with served(model, max_sessions=1, queue_size=1) as small:  # the module's server is idle meanwhile
+        http, gate, forward = small.http, threading.Event(), small.engine.runner.forward
+        monkeypatch.setattr(small.engine.runner, "forward", lambda *a, **k: gate.wait(60) and forward(*a, **k))
+        try:  # the first session holds the one slot (its first pass waits on the gate)
+            with http.stream("POST", "/v1/chat/completions", json=LONG) as first:
+                assert first.status_code == 200
+                wait_for(lambda: get_health(http)["live_sessions"] == 1, 10, "the first request to be live")
+                with http.stream("POST", "/v1/chat/completions", json=LONG) as second:
+                    assert second.status_code == 200 and get_health(http)["queued"] == 1
+                    third = http.post("/v1/chat/completions", json=LONG)
+                    assert assert_openai_error(third, 503)["code"] == "server_busy"  # with Retry-After
+        finally:
+            gate.set()
+        stats = wait_http_idle(http, 30)
+        assert stats["cache_bytes"] == small.engine.runner.cache.nbytes() == small.idle_bytes
+        assert stats["cancelled"] == 2
 
 
-def test_serve_command_rejects_bad_options(capsys):
-    assert main(["serve", "--max-sessions", "0"]) == 2
-    assert "--max-sessions" in capsys.readouterr().err
+@pytest.mark.parametrize("option, value", [
+    ("--max-sessions", "0"), ("--queue-size", "-1"), ("--port", "70000"), ("--drain-seconds", "-1"),
+    ("--max-body-mb", "0"), ("--threads", "0"),
+])
+def test_serve_command_rejects_bad_options(capsys, option, value):
+    assert main(["serve", option, value]) == 2
+    assert option in capsys.readouterr().err

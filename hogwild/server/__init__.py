@@ -76,8 +76,5 @@ def run_serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     server = DrainingServer(config, app.state.hogwild.scheduler, args.drain_seconds)
     print(f"hogwild: serving {engine.model.name} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once the server is down
-        pass
+    server.run()
     return 0

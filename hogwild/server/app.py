@@ -54,7 +54,8 @@ def describe(errors: list[dict]) -> str:
     """A validation error as one line: where and what, for the first few problems."""
     parts = []
     for e in errors[:5]:
-        loc = [str(x)[:MAX_LOC_CHARS] for x in e.get("loc", ()) if x != "body"]
+        # Leave out "body" and the tags pydantic gives validated union members ("function-after[...]").
+        loc = [str(x)[:MAX_LOC_CHARS] for x in e.get("loc", ()) if x != "body" and not str(x).startswith("function-")]
         parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
 

@@ -4,7 +4,7 @@ The first SIGTERM or SIGINT puts the server into *draining*: new requests get 50
 Retry-After), ``/health`` says ``draining``, and the running and queued requests go on for up to
 ``drain_seconds``. Then, or at once on a second signal, the ones left end with an error (a stream
 gets an error chunk and ``[DONE]``; a plain request a 503), and uvicorn shuts down. A third signal
-quits without waiting.
+quits without waiting. The process then exits with status 0.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ class DrainingServer(uvicorn.Server):
         self.exiting = False
 
     def handle_exit(self, sig, frame) -> None:
-        """A signal (or a test standing in for one). uvicorn's handler records it, to raise it again
-        once the server is down; the draining itself happens in ``on_tick``, on the event loop."""
-        super().handle_exit(sig, frame)
+        """A signal (or a test standing in for one): only counted here; the draining happens in
+        ``on_tick``, on the event loop. The signal is not raised again once the server is down:
+        a drained server exits with status 0."""
         self.signals += 1
-        if not self.exiting and self.signals < 3:
-            self.should_exit = self.force_exit = False
+        if self.signals >= 3:
+            self.exiting = self.should_exit = self.force_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.signals and not self.exiting:

@@ -94,8 +94,9 @@ def final_events(events: list[Event], streamed: dict[str, list[str]], result: Re
     """
     events: list[Event | None] = list(events)
     texts = [i for i, e in enumerate(events) if isinstance(e, StepStartEvent | TokenEvent)]
+    by_worker = {w.name: [i for i in texts if events[i].worker == w.name] for w in result.workers}
     for worker in result.workers:
-        mine = [i for i in texts if events[i].worker == worker.name]
+        mine = by_worker[worker.name]
         sent = "".join(streamed.get(worker.name, ())) + "".join(events[i].text for i in mine)
         while mine and isinstance(events[mine[-1]], StepStartEvent) and not worker.text.startswith(sent):
             sent = sent[: len(sent) - len(events[mine[-1]].text)]
@@ -315,13 +316,12 @@ class Scheduler:
         session = job.session
         try:
             session.start()
+            job.started = True
+            if job.stream:
+                job.send(session.take_opened())  # the workers' first steps
         except Exception as exc:
             log.exception("session %s failed to start", job.id)
             return self._remove(job, "failed", Failed(f"{type(exc).__name__}: {exc}"))
-        job.started = True
-        opened = session.take_opened()  # the workers' first steps
-        if job.stream:
-            job.send(opened)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -377,10 +377,10 @@ class Scheduler:
         try:
             events = session.advance(logits, elapsed)
             result = session.result() if session.done else None
+            if job.stream:
+                job.send([e for e in events if not isinstance(e, PassEvent)], result)
         except Exception as exc:
             log.exception("session %s failed", job.id)
             return self._remove(job, "failed", Failed(f"{type(exc).__name__}: {exc}"))
-        if job.stream:
-            job.send([e for e in events if not isinstance(e, PassEvent)], result)
         if result is not None:
             self._remove(job, "finished", Finished(result))
