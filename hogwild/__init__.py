@@ -4,7 +4,14 @@ The public API: ``Engine`` (load a model once; ``solve`` / ``stream`` problems),
 the events a stream yields, and the lower-level ``Runner``, ``SharedCache`` and ``generate``.
 """
 
-from .cache import Block, SharedCache
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # no device for Triton kernels: run them in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when triton is first imported, so set it first)
+
+from .cache import Block, SharedCache  # noqa: E402 (after the interpreter switch)
 from .engine.engine import Engine
 from .engine.events import (
     AnswerEvent,

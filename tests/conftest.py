@@ -7,8 +7,6 @@ the default is the CPU, which is what CI uses.
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: unknown ids must fail fast
-if os.environ.get("HOGWILD_TEST_DEVICE", "cpu") == "cpu":  # the triton backend runs in Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any module defines its kernels
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

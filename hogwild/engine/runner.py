@@ -36,6 +36,7 @@ def plan_pass(
     groups: int = 1,
     gather_below: int = 256,
     static: StaticBuffers | None = None,
+    collab_stats: bool = False,
 ) -> PassPlan:
     """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks,
     and room in the pool for every worker's new tokens.
@@ -64,7 +65,7 @@ def plan_pass(
         rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
     for row in rows:  # CacheFullError here leaves only spare pages behind: nothing is written yet
         cache.reserve(row.write, row.start + row.n_new)
-    return PassPlan(rows, cache, scaling, dtype, backend, groups, gather_below, static)
+    return PassPlan(rows, cache, scaling, dtype, backend, groups, gather_below, static, collab_stats)
 
 
 class PassCache:
@@ -93,7 +94,8 @@ def resolve_attention(attention: str, device: torch.device) -> str:
     """The backend that ``--attention auto|torch|triton`` names on ``device``.
 
     auto: triton (with CUDA graphs for decode passes) on CUDA, torch elsewhere. triton on the CPU
-    runs under Triton's interpreter (``TRITON_INTERPRET=1``: slow, for tests).
+    runs under Triton's interpreter (``TRITON_INTERPRET=1``, which ``import hogwild`` sets on a
+    machine without CUDA: slow, for tests).
     """
     if attention not in ("auto", *BACKENDS):
         raise InputError(f"unknown attention backend {attention!r}; choose auto, torch or triton")
@@ -101,8 +103,8 @@ def resolve_attention(attention: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if attention == "triton" and not triton_available():
         raise InputError("--attention triton needs the triton package (pip install triton)")
-    if attention == "triton" and device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (first import)
+    if attention == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError("--attention triton on the CPU runs in Triton's interpreter: set TRITON_INTERPRET=1")
     return attention
 
 
@@ -132,6 +134,7 @@ class Runner:
         self.cache = cache
         self.attention = attention
         self.forward_passes = 0
+        self.shares: list[torch.Tensor] | None = None  # the last pass's attention shares (collab_stats)
         self.graphs = None
         if graphs:
             from .graphs import DecodeGraphs
@@ -154,25 +157,33 @@ class Runner:
             cache, graphs = model.tp.lead_cache(cache, attention), False
         return cls(model, cache, attention, graphs)
 
-    def plan(self, steps: list[WorkerStep], reference: bool = False, static: StaticBuffers | None = None) -> PassPlan:
+    def plan(self, steps: list[WorkerStep], reference: bool = False, static: StaticBuffers | None = None,
+             collab_stats: bool = False) -> PassPlan:
         m = self.model
         backend = "reference" if reference else self.attention
-        return plan_pass(steps, self.cache, m.scaling, m.dtype, m.max_positions, backend, m.groups, static=static)
+        return plan_pass(steps, self.cache, m.scaling, m.dtype, m.max_positions, backend, m.groups, static=static,
+                         collab_stats=collab_stats)
 
     @torch.no_grad()  # not inference_mode: cache tensors are updated in place outside passes too
-    def forward(self, steps: list[WorkerStep], reference: bool = False) -> torch.Tensor:
-        """One pass. Returns the logits after each worker's last new token: [len(steps), vocab]."""
-        if self.graphs is not None and not reference and self.graphs.fits(steps):
+    def forward(self, steps: list[WorkerStep], reference: bool = False, collab_stats: bool = False) -> torch.Tensor:
+        """One pass. Returns the logits after each worker's last new token: [len(steps), vocab].
+
+        collab_stats: also set ``self.shares`` to each row's attention shares, float32 [layers,
+        view entries] on the host (read once after the pass; such passes run eagerly, not as graphs);
+        otherwise ``self.shares`` is None.
+        """
+        self.shares = None
+        if self.graphs is not None and not reference and not collab_stats and self.graphs.fits(steps):
             logits = self.graphs.forward(steps)
         else:
-            logits = self._eager(steps, reference)
+            logits = self._eager(steps, reference, collab_stats)
         for step in steps:  # only now, with every layer written, do the tokens count as held
             self.cache.commit(step.view[-1], list(step.token_ids))
         self.forward_passes += 1
         return logits
 
-    def _eager(self, steps: list[WorkerStep], reference: bool) -> torch.Tensor:
-        plan = self.plan(steps, reference)
+    def _eager(self, steps: list[WorkerStep], reference: bool, collab_stats: bool = False) -> torch.Tensor:
+        plan = self.plan(steps, reference, collab_stats=collab_stats)
         B, T = len(steps), plan.T
         device = self.model.device
         input_ids = torch.zeros(B, T, dtype=torch.long)
@@ -184,6 +195,8 @@ class Runner:
         hidden = self.model.hidden_states(input_ids.to(device), position_ids.to(device), pass_cache, plan)
         self.check_written(pass_cache)
         last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
+        if plan.stats is not None:
+            self.shares = plan.stats.row_shares(plan.rows)
         return self.model.logits(hidden[torch.arange(B, device=device), last])
 
     def check_written(self, pass_cache: PassCache) -> None:
