@@ -41,6 +41,7 @@ def test_bench_cpu_methods_json_and_files(tmp_path, capsys):
     assert machine["torch"] == torch.__version__
     assert set(result["warmup_s"]) == set(result["methods"])
     assert result["skipped"] == [] and result["compile"] is None and result["profile"] is None
+    assert result["complete"] is True and result["wall_s"] > 0
     assert [(c["workers"], c["context"]) for c in result["cells"]] == [(1, 16), (2, 16), (1, 40), (2, 40)]
     bpt = tiny_bytes_per_token()
     for cell in result["cells"]:
@@ -144,6 +145,28 @@ def test_bench_out_of_memory_and_errors_are_recorded(tmp_path, capsys, monkeypat
     assert entry["status"] == "error" and entry["reason"] == "warm-up: RuntimeError: boom"
     assert result["cells"][0]["results"]["hogwild-torch"]["status"] == "ok"
     assert json.loads((out / "bench.json").read_text())["skipped"] == [entry]
+
+
+def test_bench_cut_short_leaves_the_cells_done(tmp_path, monkeypatch):
+    """bench.json is rewritten after every cell: a run killed half way still has its first cells."""
+    real_cell = measure.measure_cell
+    done = []
+
+    def interrupted_cell(*args, **kwargs):
+        if done:
+            raise KeyboardInterrupt
+        done.append(real_cell(*args, **kwargs))
+        return done[-1]
+
+    monkeypatch.setattr(measure, "measure_cell", interrupted_cell)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", *TINY, "--methods", "hogwild-torch", "--workers", "1,2", "--context", "8", "--steps", "1",
+              "--warmup", "0", "--out", str(out)])
+    partial = json.loads((out / "bench.json").read_text())
+    assert partial["complete"] is False
+    assert [(c["workers"], c["results"]["hogwild-torch"]["status"]) for c in partial["cells"]] == [(1, "ok")]
+    assert not (out / "bench.png").exists()
 
 
 def test_bench_profile_writes_traces_and_table(tmp_path, capsys):

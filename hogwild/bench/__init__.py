@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from .measure import BenchConfig, BenchResult, default_methods, run_bench
@@ -85,7 +86,7 @@ def run_bench_command(args) -> int:
 
     from ..cli_args import load_from_args
     from ..errors import InputError
-    from .report import markdown_table, not_run_line, result_json, write_outputs
+    from .report import markdown_table, not_run_line, progress_line, result_json, write_json, write_outputs
 
     if args.threads is not None:
         if args.threads < 1:
@@ -101,7 +102,12 @@ def run_bench_command(args) -> int:
     )
     model = load_from_args(args)
     config.validate(model.max_positions)  # before any work
-    result = run_bench(model, config, args.out)
+
+    def on_cell(partial: BenchResult) -> None:  # a run cut short still leaves its cells
+        write_json(partial, args.out)
+        print(progress_line(partial), file=sys.stderr, flush=True)
+
+    result = run_bench(model, config, args.out, on_cell)
     write_outputs(result, args.out)
     if args.json:
         print(json.dumps(result_json(result)))

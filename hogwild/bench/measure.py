@@ -150,6 +150,7 @@ class BenchResult:
     compile: dict | None = None
     profile: dict | None = None
     wall_s: float = 0.0
+    complete: bool = False  # False in the files written while the run goes on
 
     def skipped(self) -> list[dict]:
         """What did not run: one entry per method, status and reason, with its cells [[N, L], ...]."""
@@ -360,21 +361,35 @@ def measure_cell(model: LoadedModel, methods: dict, prepared: dict, workers: int
     return Cell(workers, context, bytes_per_token(model) * (context + workers), ordered)
 
 
-def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None) -> BenchResult:
+def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, on_cell=None) -> BenchResult:
     """Measure every (workers, context) of ``config``; with ``config.profile``, profile the largest
-    cell and write its traces to ``out``."""
+    cell and write its traces to ``out``. on_cell: called with the result so far (``complete``
+    False) after the warm-up and after every cell, e.g. to write partial files."""
     config.validate(model.max_positions)
     started = time.perf_counter()
     device = model.device
-    machine = machine_info(device)
+    result = BenchResult(
+        model=model.name, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
+        machine=machine_info(device), methods=list(config.methods), cells=[],
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+    )
+
+    def update(complete: bool = False) -> None:
+        result.complete = complete
+        result.wall_s = round(time.perf_counter() - started, 1)
+        result.machine["load_average_end"] = load_average()
+        if "transformers-compiled" in config.methods:
+            result.compile = compile_stats(config)
+        if on_cell is not None and not complete:
+            on_cell(result)
+
     generator = torch.Generator().manual_seed(config.seed)
     vocab = model.model.get_output_embeddings().weight.shape[0]
     methods, broken = build_methods(model, config)
     warmup_ids = torch.randint(0, vocab, (WARMUP_PROMPT,), generator=generator).tolist()
-    warmup_s = warm_up(methods, broken, warmup_ids, config, device)
+    result.warmup_s = warm_up(methods, broken, warmup_ids, config, device)
+    update()
     largest = (max(config.workers), max(config.contexts))
-    profile: dict | None = None
-    cells = []
     for context in config.contexts:
         prompt_ids = torch.randint(0, vocab, (context,), generator=generator).tolist()
         prepared: dict = dict(broken)
@@ -387,38 +402,23 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None) 
                 free_memory(device)
         for workers in config.workers:
             profiler = None
-            if config.profile and (workers, context) == largest and profile is None:
+            if config.profile and (workers, context) == largest and result.profile is None:
                 def profiler(decoders, workers=workers, context=context):
-                    nonlocal profile
-                    profile = profile_decoders(decoders, workers, context, device, out or Path("."))
+                    result.profile = profile_decoders(decoders, workers, context, device, out or Path("."))
 
-            cell = measure_cell(model, methods, prepared, workers, context, config, profiler)
-            log.info("N=%d L=%d: %s", workers, context, ", ".join(
-                f"{m} {r.median_ms:.1f} ms" if r.ok else f"{m} {r.status}" for m, r in cell.results.items()
-            ))
-            cells.append(cell)
+            result.cells.append(measure_cell(model, methods, prepared, workers, context, config, profiler))
+            update()
         for method in methods.values():
             method.release()
         free_memory(device)
-    if profile is not None:
+    if result.profile is not None:
         try:
-            profile["history_move"] = history_move_ms(model, max(config.contexts))
+            result.profile["history_move"] = history_move_ms(model, max(config.contexts))
         except Exception as exc:
-            profile["history_move"] = {"error": failure(exc).reason}
+            result.profile["history_move"] = {"error": failure(exc).reason}
         free_memory(device)
-    return BenchResult(
-        model=model.name,
-        device=str(device),
-        dtype=str(model.dtype).removeprefix("torch."),
-        machine={**machine, "load_average_end": load_average()},
-        config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-        methods=list(config.methods),
-        cells=cells,
-        warmup_s=warmup_s,
-        compile=compile_stats(config) if "transformers-compiled" in config.methods else None,
-        profile=profile,
-        wall_s=round(time.perf_counter() - started, 1),
-    )
+    update(complete=True)
+    return result
 
 
 def compile_stats(config: BenchConfig) -> dict:

@@ -247,10 +247,12 @@ class TransformersMethod(Method):
         return CompiledDecoder(self.prompt, workers, self.compiled, extra_tokens)
 
     def needs_bytes(self, workers: int, tokens: int) -> int:
-        """Memory a cell needs: N rows of ``tokens`` tokens of K/V, plus one layer's copy for the
-        ``DynamicCache`` concatenation of every step."""
-        kv = workers * tokens * bytes_per_token(self.prompt.model)
-        return kv if self.compiled else kv + kv // self.prompt.model.num_layers
+        """Memory a cell needs: N rows of ``tokens`` tokens of K/V, plus one layer's transient copy:
+        the ``DynamicCache`` concatenation of every step, or, with a static cache (masked sdpa), K/V
+        repeated for every query head of a group (``repeat_kv``)."""
+        model = self.prompt.model
+        kv = workers * tokens * bytes_per_token(model)
+        return kv + kv // model.num_layers * (model.groups if self.compiled else 1)
 
 
 class TransformersDecoder(Decoder):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from .measure import BenchResult
@@ -48,6 +49,8 @@ def markdown_table(result: BenchResult) -> str:
                 row = ["-"] * (len(head) - 3)
             lines.append(f"| {cell.workers} | {cell.context} | {name} | " + " | ".join(row) + " |")
     text = f"**{title(result)}**\n\n" + "\n".join(lines)
+    if compiled:
+        text += "\n\n(transformers-compiled decodes from transformers' one-row prefill: the same prefill time.)"
     skipped = result.skipped()
     if skipped:
         text += "\n\nNot run:\n" + "\n".join(f"- {not_run_line(s, len(result.cells))}" for s in skipped)
@@ -97,10 +100,26 @@ def plot(result: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
+def progress_line(result: BenchResult) -> str:
+    """The warm-up times, or the last cell: what a run's log shows as it goes."""
+    if not result.cells:
+        return "warm-up: " + ", ".join(f"{m} {s:.1f} s" for m, s in result.warmup_s.items()) + f" ({result.wall_s} s)"
+    cell = result.cells[-1]
+    parts = [f"{m} {r.median_ms:.2f} ms" if r.ok else f"{m} {r.status}" for m, r in cell.results.items()]
+    return f"N={cell.workers} L={cell.context}: " + ", ".join(parts) + f" ({result.wall_s} s)"
+
+
+def write_json(result: BenchResult, out: Path) -> None:
+    """bench.json in ``out``, replaced whole (a run killed while writing leaves the previous one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(result_json(result), indent=2) + "\n")
+    os.replace(tmp, out / "bench.json")
+
+
 def write_outputs(result: BenchResult, out: Path) -> None:
     """bench.json, bench.png and, with a profile, profile.txt in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result_json(result), indent=2) + "\n")
+    write_json(result, out)
     plot(result, out / "bench.png")
     if result.profile is not None:
         (out / "profile.txt").write_text(profile_text(result.profile) + "\n")
