@@ -81,15 +81,20 @@ class Engine:
         seed: int | None = None,
         collab_every: int | None = None,
         snapshots: tuple[int, ...] = (),
+        collab_stats: bool = False,
     ) -> Iterator[Event]:
         """Solve ``problem``, yielding events as they happen; the last one is a DoneEvent.
+
+        collab_stats: a CollabEvent per pass (where each worker's attention went) and the run's
+        average in ``Result.collaboration["attention"]``; decode passes then run eagerly (no CUDA graphs).
 
         Raises InputError (a HogwildError) at once for bad input. Closing the iterator early
         frees the session's cache blocks; ``gen.throw(KeyboardInterrupt)`` ends the run and returns
         a DoneEvent whose result has ``interrupted=True`` and the partial transcript.
         """
         config = SolveConfig(
-            workers, layout, budget, sampling or SamplingParams(), seed, collab_every, tuple(sorted(snapshots))
+            workers, layout, budget, sampling or SamplingParams(), seed, collab_every, tuple(sorted(snapshots)),
+            collab_stats,
         )
         session = self.session(problem, config)  # validates before the generator starts
         return self._run(session)
@@ -100,8 +105,8 @@ class Engine:
             yield from session.take_opened()
             while not session.done:
                 t0 = time.perf_counter()
-                logits = self.runner.forward(session.inputs())
-                yield from session.advance(logits, time.perf_counter() - t0)
+                logits = self.runner.forward(session.inputs(), collab_stats=session.config.collab_stats)
+                yield from session.advance(logits, time.perf_counter() - t0, self.runner.shares)
                 yield from session.due_snapshots()
             yield DoneEvent(session.result())
         except KeyboardInterrupt:  # thrown in by the caller (``stream.throw``): hand back what we have

@@ -37,6 +37,8 @@ class Result:
     layout: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, decode, finisher
     interrupted: bool = False
+    # "duplication": per worker (always); "attention": per worker, run-average shares (collab_stats)
+    collaboration: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,20 @@ class PassEvent:
 
 
 @dataclass(frozen=True)
+class CollabEvent:
+    """Where each active worker's attention went in one pass (``collab_stats``).
+
+    shares: worker -> ``{"prompt", "history", "protocol", "own": x, "others": {name: x}}``, means over
+    layers, heads and the pass's tokens (they sum to 1); per_layer: the same dicts with a list of
+    one value per layer instead of each x.
+    """
+
+    forward_passes: int
+    shares: dict[str, dict]
+    per_layer: dict[str, dict]
+
+
+@dataclass(frozen=True)
 class AnswerEvent:
     r"""A final answer: written by a worker in \boxed{}, or produced by the finisher or a vote."""
 
@@ -104,4 +120,4 @@ class DoneEvent:
     result: Result
 
 
-Event = TokenEvent | StepStartEvent | StepEvent | PassEvent | AnswerEvent | SnapshotEvent | DoneEvent
+Event = TokenEvent | StepStartEvent | StepEvent | PassEvent | CollabEvent | AnswerEvent | SnapshotEvent | DoneEvent

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import collaboration as collab
 from ..cache import Block
 from ..errors import CacheFullError, ContextOverflowError, InputError
 from ..protocol import text as rules
@@ -22,6 +23,7 @@ from ..protocol.prompts import ProtocolConfig
 from ..sampling import Sampler, SamplingParams
 from .events import (
     AnswerEvent,
+    CollabEvent,
     Event,
     HistoryStep,
     PassEvent,
@@ -49,6 +51,7 @@ class SolveConfig:
     seed: int | None = None
     collab_every: int | None = None  # None: the protocol's default; 0: never
     snapshots: tuple[int, ...] = ()
+    collab_stats: bool = False  # drivers pass Runner.shares to advance(); a CollabEvent per pass
 
     def check(self, protocol: ProtocolConfig) -> None:
         if not 1 <= self.workers <= min(MAX_WORKERS, len(protocol.names)):
@@ -136,6 +139,8 @@ class Session:
         self._blocks: list[Block] = []
         self._opened: list[Event] = []  # steps opened since the last events were handed out
         self._snapshots_left = sorted(config.snapshots)  # budgets not snapshotted yet
+        self._attention: dict[str, dict] = {}  # worker -> sum of its per-pass shares (collab_stats)
+        self._attention_passes: dict[str, int] = {}
 
     # -- set-up --------------------------------------------------------------------------------
     def _prompt_ids(self, problem: str) -> list[int]:
@@ -236,12 +241,15 @@ class Session:
         views = [sum(b.length for b in step.view) + len(step.token_ids) for step in self.inputs()]
         return self.runner.model.max_positions - max(views, default=0)
 
-    def advance(self, logits: torch.Tensor, elapsed_s: float = 0.0) -> list[Event]:
-        """Take the logits [active workers, vocab] of the pass just run on ``inputs()``."""
+    def advance(self, logits: torch.Tensor, elapsed_s: float = 0.0,
+                shares: list[torch.Tensor] | None = None) -> list[Event]:
+        """Take the logits [active workers, vocab] of the pass just run on ``inputs()`` and, with
+        ``collab_stats``, that pass's ``Runner.shares`` of these rows ([layers, view entries] each)."""
         self.forward_passes += 1
         self.timings["decode"] += elapsed_s
         events: list[Event] = self.take_opened()
         active = [w for w in self.workers if w.active]
+        collab_event = self._collab_event(active, shares) if shares is not None else None
         for w in active:  # steps whose last token was fed in this pass move into the history
             if w.close_after_pass:
                 if self.layout in HISTORY_LAYOUTS:
@@ -276,10 +284,39 @@ class Session:
             self._vote()
             events.append(AnswerEvent(self.answer, self.answered_by, self.forward_passes))
             self.done = True
+        if collab_event is not None:
+            events.append(collab_event)
         events.append(PassEvent(self.forward_passes, self.tokens_generated, self.elapsed()))
         if not self.done and (self.forward_passes >= self.config.budget or self.room_left() < 1):
             events += self.finish()
         return events
+
+    def _collab_event(self, active: list[Worker], shares: list[torch.Tensor]) -> CollabEvent:
+        """Map each row's entry shares to block kinds (before the pass's steps move), add them up."""
+        labels = collab.block_labels(self.shared, {w.name: w.block for w in self.workers})
+        own = [w.block for w in self.workers]
+        per_layer, means = {}, {}
+        for w, entries in zip(active, shares, strict=True):
+            others = [x.name for x in self.workers if x is not w]
+            blocks = view(self.layout, self.shared, own, w.index)
+            per_layer[w.name] = collab.view_shares(entries, blocks, labels, w.name, others)
+            means[w.name] = collab.layer_mean(per_layer[w.name])
+            total = self._attention.setdefault(w.name, collab.empty_shares(others))
+            collab.add_shares(total, means[w.name])
+            self._attention_passes[w.name] = self._attention_passes.get(w.name, 0) + 1
+        return CollabEvent(self.forward_passes, means, per_layer)
+
+    def collaboration(self) -> dict:
+        """``duplication`` per worker (always) and, with ``collab_stats``, ``attention``: per worker its
+        shares averaged over the passes it took part in."""
+        forced = [self.protocol.header(i, 1, False)[len(self.protocol.step_header.format(
+            name=w.name, step=1)):] for i, w in enumerate(self.workers)]
+        out = {"duplication": collab.duplication(
+            self.history, [w.name for w in self.workers], self.protocol.collab_question, forced)}
+        if self.config.collab_stats:
+            out["attention"] = {name: collab.scaled(total, 1 / self._attention_passes[name])
+                                for name, total in self._attention.items()}
+        return out
 
     def take_opened(self) -> list[Event]:
         """StepStartEvents of the steps opened since the last call."""
@@ -367,7 +404,7 @@ class Session:
             answer=self.answer, answered_by=self.answered_by, workers=workers, history=list(self.history),
             forward_passes=self.forward_passes, tokens_generated=self.tokens_generated,
             elapsed_s=self.elapsed(), model=self.runner.model.name, layout=self.layout,
-            timings=dict(self.timings), interrupted=self.interrupted,
+            timings=dict(self.timings), interrupted=self.interrupted, collaboration=self.collaboration(),
         )
 
     def close(self) -> None:

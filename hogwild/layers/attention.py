@@ -20,8 +20,9 @@ has in the view.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..cache import Block, SharedCache
@@ -132,6 +133,33 @@ class StaticBuffers:
     meta: object
 
 
+@dataclass
+class AttentionStats:
+    """Where a pass's attention statistics go (``PassPlan(collab_stats=True)``).
+
+    stats: float32 [layers, pairs] on the device, zeroed per pass: each layer stores, for every
+    pair, the share of its row's attention mass that falls on the pair's entry, averaged over the
+    query heads and the row's real tokens (the shares of a row sum to 1 in every layer). pairs:
+    (row, entry index) of each column, in the backend's pair order. pc_pair: int32 [pcs], the pair
+    of each triton pair-chunk (None for the other backends). layer_of: the layer of each K pool
+    slice by its data pointer (the triton launcher's only handle on the layer it runs).
+    """
+
+    stats: torch.Tensor
+    pairs: list[tuple[int, int]]
+    pc_pair: torch.Tensor | None = None
+    layer_of: dict[int, int] = field(default_factory=dict)
+
+    def row_shares(self, rows: list[Row]) -> list[torch.Tensor]:
+        """Per row, float32 [layers, entries] on the host (entries it cannot see get 0): the pass's one read."""
+        sizes = [len(row.entries) for row in rows]
+        first = [sum(sizes[:i]) for i in range(len(rows))]
+        column = torch.tensor([first[i] + j for i, j in self.pairs], dtype=torch.long)
+        stats = self.stats.cpu()
+        shares = torch.zeros(stats.shape[0], sum(sizes)).index_add_(1, column, stats)
+        return list(shares.split(sizes, 1))
+
+
 #: Attention backends: "torch" (the fast path in plain PyTorch), "triton" (one fused kernel per
 #: layer, hogwild/layers/triton_attention.py) and "reference" (the spec, materialised views).
 BACKENDS = ("torch", "triton", "reference")
@@ -157,7 +185,9 @@ class PassPlan:
     slot_mapping: [B * T] long, the pool slot of every new token (row-major; padding writes to
     ``PAD_SLOT``). The torch backend's groups: blocks with at most ``gather_below`` keys are
     gathered into one group per set of rows that read them, e.g. per session (copying a few small
-    blocks costs less than a round of kernel launches per block).
+    blocks costs less than a round of kernel launches per block). collab_stats: every layer also
+    stores each (row, entry) pair's share of the row's attention mass in ``stats``
+    (``AttentionStats``), from the merge's statistics; off, ``stats`` is None and nothing is added.
     """
 
     def __init__(
@@ -170,9 +200,11 @@ class PassPlan:
         groups: int = 1,
         gather_below: int = 256,
         static: StaticBuffers | None = None,
+        collab_stats: bool = False,
     ):
         self.rows = rows
         self.cache = cache
+        self.stats: AttentionStats | None = None  # collab_stats: attention shares per (row, entry)
         self.backend = backend
         self.reference = backend == "reference"
         self.T = max(r.n_new for r in rows)
@@ -199,8 +231,14 @@ class PassPlan:
             else:
                 static.meta.fill(host)
                 self.triton = static.meta
+            if collab_stats:
+                self.stats = self._triton_stats(host)
+                self.triton.stats = self.stats
             return
         if backend == "reference":
+            if collab_stats:
+                pairs = [(i, j) for i, row in enumerate(rows) for j, e in enumerate(row.entries) if e.visible > 0]
+                self.stats = AttentionStats(torch.zeros(cache.num_layers, len(pairs), device=device), pairs)
             return
 
         by_block: dict[int, list[tuple[int, ViewEntry]]] = {}
@@ -219,6 +257,38 @@ class PassPlan:
             self.groups.append(self._group(cluster, deltas, device))
         self.pair_row = torch.tensor(self.pair_row_list, device=device)
         self.rotation = rotation_matrices(self.inv_freq, deltas, scaling).to(dtype).to(device)
+        if collab_stats:
+            self.stats = self._torch_stats(clusters, device)
+
+    def _torch_stats(self, clusters: list[list[list[tuple[int, ViewEntry]]]], device) -> AttentionStats:
+        """The torch backend's stats buffer, its pairs, and per pair the weights [P, T] of its tokens
+        (1 / n_new of the row for real tokens, 0 for padding)."""
+        index = {id(e): j for row in self.rows for j, e in enumerate(row.entries)}
+        pairs = [(i, index[id(e)]) for cluster in clusters for block_pairs in cluster for i, e in block_pairs]
+        n_new = torch.tensor([self.rows[i].n_new for i, _ in pairs], dtype=torch.float32)
+        real = torch.arange(self.T)[None, :] < n_new[:, None]
+        self.token_weight = (real / n_new[:, None]).to(device)
+        return AttentionStats(torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs)
+
+    def _triton_stats(self, host) -> AttentionStats:
+        """The triton backend's stats buffer: pairs in ``build_meta``'s order, each pc's pair, and
+        each layer's K pool pointer. A pair's entry is the one at offset ``own - (qstart - start)``
+        among the row's non-empty entries (their offsets differ)."""
+        row, qstart, pc0, chunks = host.pairs[:, 0], host.pairs[:, 2], host.pairs[:, 4], host.pairs[:, 5]
+        pairs = []
+        for r, q in zip(row.tolist(), qstart.tolist(), strict=True):
+            x = self.rows[r]
+            offset = x.own_offset - (q - x.start)
+            pairs.append((r, next(j for j, e in enumerate(x.entries) if e.offset == offset and e.visible > 0)))
+        pc_pair = np.zeros(len(host.pc_tlo), dtype=np.int32)
+        for p, (first, n) in enumerate(zip(pc0.tolist(), chunks.tolist(), strict=True)):
+            pc_pair[first : first + n] = p
+        device = self.cache.device
+        keys = self.cache.keys
+        return AttentionStats(
+            torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs,
+            torch.from_numpy(pc_pair).to(device), {keys[layer].data_ptr(): layer for layer in range(keys.shape[0])},
+        )
 
     def _group(self, cluster: list[list[tuple[int, ViewEntry]]], deltas: list[int], device) -> Group:
         """One group reading the blocks of ``cluster`` (each: the pairs that read one block)."""
@@ -296,6 +366,8 @@ def concurrent_attention(
 
     if len(plan.groups) == 1 and P == B and plan.pair_row_list == list(range(B)):
         out = outs[0] / sums[0][..., None]  # one pair per row, in row order: nothing to merge
+        if plan.stats is not None:
+            plan.stats.stats[layer].fill_(1.0)  # each row's one pair holds all of its mass
     else:  # merge the pairs of each row with log-sum-exp (flash-decoding style)
         m, s, o = torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1)  # pairs on dim 1
         index = plan.pair_row.view(1, P, 1, 1).expand_as(m)
@@ -304,6 +376,9 @@ def concurrent_attention(
         total = s.new_zeros((Hkv, B, G, T)).index_add_(1, plan.pair_row, s * weight)
         out = o.new_zeros((Hkv, B, G, T, D)).index_add_(1, plan.pair_row, o * weight[..., None])
         out = out / total[..., None]
+        if plan.stats is not None:  # pair p's share of its row's mass: s_p exp(m_p - M_r) / S_r
+            share = (s * weight / total.index_select(1, plan.pair_row)).sum((0, 2))  # [P, T]
+            plan.stats.stats[layer] = (share * plan.token_weight).sum(1) / Hq
     return out.permute(1, 3, 0, 2, 4).reshape(B, T, Hq, D).to(query.dtype), None
 
 
@@ -347,6 +422,11 @@ def reference_attention(
         )
         allowed = view_pos[None, :] <= positions[:, None]
         scores = (q @ keys.transpose(1, 2)) * scaling
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out[i, : row.n_new] = (scores.softmax(-1) @ values).transpose(0, 1).to(query.dtype)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # [Hq, n_new, S]
+        out[i, : row.n_new] = (probs @ values).transpose(0, 1).to(query.dtype)
+        if plan.stats is not None:  # each entry's share: its keys' probabilities, mean over heads and tokens
+            mass = probs.mean((0, 1)).split([e.visible for e in row.entries])
+            for p, (r, j) in enumerate(plan.stats.pairs):
+                if r == i:
+                    plan.stats.stats[module.layer_idx, p] = mass[j].sum()
     return out, None
