@@ -6,9 +6,10 @@ import json
 import torch
 from test_engine import tiny_model  # a sibling test module (tests/ is on sys.path)
 
-from hogwild import Engine, Runner, WorkerStep
+from hogwild import Engine, Result, Runner, SolveConfig, WorkerStep
 from hogwild.cli import main
 from hogwild.engine.graphs import DecodeGraphs
+from hogwild.protocol.prompts import ProtocolConfig
 
 
 def run_json(capsys, *argv) -> dict:
@@ -64,14 +65,43 @@ def test_static_buffers_equal_eager_passes(tmp_path):
     assert (bucket.static.meta.buffer.data_ptr(), bucket.static.slot_mapping.data_ptr()) == buffers
 
 
-def test_solve_same_transcript_on_both_backends():
-    """SmolLM2, 2 workers, greedy: steps end and move into the history, then the finisher answers."""
-    results = {}
+def scripted_solve(engine: Engine, script: list[int], budget: int) -> tuple[Result, list[torch.Tensor]]:
+    """A 2-worker solve whose workers write ``script`` over and over (so steps end and move into
+    the history every few passes), whatever the model says; returns the result and the real
+    logits of every decode pass. The finisher decodes greedily from the real logits."""
+    session = engine.session("What is 2 + 2?", SolveConfig(workers=2, budget=budget))
+    written = [0, 0]
+    logits_seen = []
+    try:
+        session.start()
+        while not session.done:
+            logits = engine.runner.forward(session.inputs())
+            logits_seen.append(logits)
+            forced = torch.full_like(logits, -1e9)
+            for row, worker in enumerate(w for w in session.workers if w.active):
+                forced[row, script[written[worker.index] % len(script)]] = 0.0
+                written[worker.index] += 1
+            session.advance(forced)
+        return session.result(), logits_seen
+    finally:
+        session.close()
+
+
+def test_solve_same_transcript_on_both_backends(tmp_path):
+    """Steps end, move into the history (keys rotated once) and are read from there: every pass's
+    logits agree between the backends, and so do the transcripts and the finisher's answer."""
+    model = tiny_model("llama-llama3", tmp_path, "cpu")
+    protocol = ProtocolConfig(system_prompt="{names} work together.", finisher_tokens=4)
+    script = model.tokenizer("Four.\n\n", add_special_tokens=False).input_ids
+    runs = {}
     for attention in ("torch", "triton"):
-        engine = Engine.from_pretrained(attention=attention)
-        results[attention] = engine.solve("What is 12 * 7?", workers=2, budget=10, seed=0)
-    torch_result, triton_result = results["torch"], results["triton"]
-    assert len(torch_result.history) == 2  # both first steps moved into the history
-    assert [h.text for h in triton_result.history] == [h.text for h in torch_result.history]
-    assert [w.text for w in triton_result.workers] == [w.text for w in torch_result.workers]
-    assert triton_result.answer == torch_result.answer
+        runs[attention] = scripted_solve(Engine(model, protocol, attention=attention), script, budget=16)
+    (want, want_logits), (have, have_logits) = runs["torch"], runs["triton"]
+    assert len(want.history) >= 4  # both workers finished steps that moved into the history
+    assert [h.text for h in have.history] == [h.text for h in want.history]
+    assert [w.text for w in have.workers] == [w.text for w in want.workers]
+    assert have.answer == want.answer
+    assert len(have_logits) == len(want_logits) == 16
+    for a, b in zip(have_logits, want_logits, strict=True):
+        assert float((a - b).abs().max()) < 1e-5 * float(b.abs().max())
+        assert torch.equal(a.argmax(-1), b.argmax(-1))  # what greedy workers would have written
