@@ -1,21 +1,60 @@
 #!/usr/bin/env bash
-# GPU checks, for a CUDA machine whose python3 already has torch and transformers (no network needed,
-# no install: the package runs from this checkout).
-#   1. exactness on the GPU: concurrent attention against the reference (fp32 and bf16) and one
-#      worker against transformers' greedy decoding on tiny Llama, Mistral, Qwen2 and Qwen3 models;
-#   2. the benchmark on a random-weight model shaped like Qwen2.5-7B, bf16, up to 8168 tokens of
-#      shared prompt and 8 workers, with a profile of one step.
-# Usage: scripts/gpu-check.sh [OUT_DIR] (default gpu-results). DEVICE=cuda:1, PRESET=tiny-qwen2 and
-# CONTEXT=512 change the device, the model and the prompt lengths (a CPU dry run: DEVICE=cpu
-# PRESET=tiny-qwen2 CONTEXT=64).
-set -euo pipefail
+# GPU checks, for a CUDA machine whose python3 already has torch, transformers (>= 5.17), triton,
+# pytest and hypothesis (no network, no install: the package runs from this checkout). Budget: under
+# 8 minutes on a fresh H100/H200, Triton compiles and graph captures included; every phase has its
+# own timeout so the script always ends and writes what it has.
+#   1. exactness on the GPU: both attention backends against the reference (fp32, bf16), the fused
+#      kernel on random layouts, one worker against transformers' greedy decoding on tiny Llama,
+#      Mistral, Qwen2 and Qwen3 models with torch (eager) and triton (CUDA graphs);
+#   2. the benchmark on a random-weight model shaped like Qwen2.5-7B, bf16: hogwild-triton (graphs),
+#      hogwild-torch (eager), transformers eager and transformers compiled, N = 1, 2, 4, 8 and
+#      L = 2048, 8192, 32768, with a torch.profiler trace of each hogwild method;
+#   3. `hogwild solve` end to end on the same random model (worker tokens/s over a 512-pass run).
+# Usage: scripts/gpu-check.sh [OUT_DIR] (default gpu-results). A CPU dry run (tiny model, small grid):
+#   DEVICE=cpu PRESET=tiny-qwen2 CONTEXT=64,300 WORKERS=1,2 STEPS=3 BUDGET=8 DTYPE=float32 \
+#     METHODS=hogwild-triton,hogwild-torch,transformers scripts/gpu-check.sh /tmp/gpu-dry
+set -uo pipefail
 out=${1:-gpu-results}
 device=${DEVICE:-cuda}
+preset=${PRESET:-qwen2.5-7b}
+dtype=${DTYPE:-bfloat16}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HOGWILD_TEST_DEVICE="$device" PYTHONUNBUFFERED=1
-python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
-    tests/test_engine.py::test_tiny_architectures_one_worker_equals_greedy 2>&1 | tee "$out/tests.log" \
-    || echo "GPU TESTS FAILED (see $out/tests.log); running the benchmark anyway"
-python3 -m hogwild.cli bench --random-config "${PRESET:-qwen2.5-7b}" --device "$device" --dtype bfloat16 \
-    --context "${CONTEXT:-512,2048,8168}" --workers 1,2,4,8 --profile --out "$out/bench" 2>&1 | tee "$out/bench.log"
+[ "$device" = cpu ] && export TRITON_INTERPRET=1
+start=$SECONDS
+phase() { echo "== $1 ($((SECONDS - start)) s)"; }
+
+phase versions
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers",
+transformers.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name() if
+torch.cuda.is_available() else "cpu")'
+  git rev-parse HEAD 2>/dev/null || true; } 2>&1 | tee "$out/versions.txt"
+
+phase "exactness tests"
+tests=(tests/test_attention.py tests/test_triton_attention.py
+       tests/test_engine.py::test_tiny_architectures_one_worker_equals_greedy)
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/tests.log" \
+    || echo "GPU TESTS FAILED OR TIMED OUT (see $out/tests.log); going on"
+
+phase benchmark
+timeout "${BENCH_TIMEOUT:-270}" python3 -m hogwild.cli bench --random-config "$preset" --device "$device" \
+    --dtype "$dtype" --workers "${WORKERS:-1,2,4,8}" --context "${CONTEXT:-2048,8192,32768}" \
+    --steps "${STEPS:-10}" --warmup 3 ${METHODS:+--methods "$METHODS"} --profile --out "$out/bench" 2>&1 \
+    | tee "$out/bench.log" || echo "BENCHMARK FAILED OR TIMED OUT (see $out/bench.log); going on"
+
+phase "solve end to end"
+timeout "${SOLVE_TIMEOUT:-120}" python3 -m hogwild.cli solve "What is 17 * 23?" --random-config "$preset" \
+    --device "$device" --dtype "$dtype" --workers 4 --budget "${BUDGET:-512}" --json > "$out/solve.json" \
+    2> "$out/solve.log" || echo "SOLVE FAILED OR TIMED OUT (see $out/solve.log)"
+python3 - "$out/solve.json" <<'EOF' 2>&1 | tee -a "$out/solve.log"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as exc:  # the run failed: its log says why
+    sys.exit(f"no solve result: {exc}")
+decode = r.get("timings", {}).get("decode") or r["elapsed_s"]
+print(f"solve: {r['forward_passes']} passes, {r['tokens_generated']} worker tokens, decode {decode:.2f} s, "
+      f"{r['tokens_generated'] / decode:.1f} worker tokens/s, elapsed {r['elapsed_s']:.2f} s")
+EOF
+phase done
