@@ -27,6 +27,9 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 # Below this a temperature samples as greedy: it is the limit such temperatures tend to, and
 # logits divided by a tinier one overflow float32 (inf - inf = nan in the softmax).
 MIN_SAMPLING_TEMPERATURE = 1e-4
+# A top_p below this keeps only the most likely token, as this one does; one that rounds to 0 in
+# float32 would drop every token (nan probabilities).
+MIN_TOP_P = 1e-6
 TOKENIZE_CHUNK_CHARS = 16_384
 
 
@@ -129,7 +132,7 @@ def solve_config(body: ChatRequest) -> SolveConfig:
     sampling = SamplingParams(
         temperature=temperature if temperature >= MIN_SAMPLING_TEMPERATURE else 0.0,
         top_k=body.hogwild.top_k,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P),
     )
     opts = body.hogwild
     return SolveConfig(opts.workers, opts.layout, budget, sampling, body.seed, opts.collab_every)
