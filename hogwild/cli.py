@@ -110,6 +110,8 @@ def register_solve(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--collab-every", type=int, default=None, help="tokens between redundancy checks (0: off)")
+    p.add_argument("--collab-stats", action="store_true",
+                   help="record where each worker's attention goes, every pass (decode passes run eagerly)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--transcript", help="write a Markdown transcript to this file")
     add_model_arguments(p)
@@ -147,7 +149,7 @@ def run_solve(args) -> int:
     config.check(engine.protocol)  # bad input fails before the live view starts
     stream = engine.stream(
         problem, workers=args.workers, layout=args.layout, budget=args.budget, sampling=sampling,
-        seed=args.seed, collab_every=args.collab_every,
+        seed=args.seed, collab_every=args.collab_every, collab_stats=args.collab_stats,
     )
     result = None
     view = None
@@ -191,6 +193,7 @@ def run_solve(args) -> int:
             "timings": {part: round(seconds, 4) for part, seconds in result.timings.items()},
             "model": result.model,
             "layout": result.layout,
+            "collaboration": result.collaboration,
         }))
     else:
         from rich.console import Console

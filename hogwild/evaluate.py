@@ -13,7 +13,10 @@ yet), so one run gives a row per budget. Methods:
 from ``--seed``): ``single`` is the first of them, ``independent`` votes over all K. Answers are
 checked with math-verify. DIR gets ``results.jsonl`` (appended one (problem, method) at a time, so
 a rerun with the same DIR skips what is done), ``summary.json``, ``accuracy.png`` and ``run.json``
-(the settings that must match to resume).
+(the settings that must match to resume). Each row of a hogwild layout carries its duplication
+(mean over workers of the 8-gram overlap with others' earlier steps) and, with ``--collab-stats``,
+its mean attention share on the other workers' current steps; then ``collab.jsonl`` gets each
+run's share on others per forward pass, and ``collaboration.png`` plots it (docs/collaboration.md).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class EvalConfig:
     model: str | None = None
     dtype: str = "float32"
     batch: int = 1  # runs in flight at once, their workers sharing each forward pass
+    collab_stats: bool = False  # attention shares every pass (collab.jsonl, collaboration.png)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -141,6 +145,8 @@ class Row:
     seed: int
     votes: list[str | None] | None = None
     error: str | None = None
+    duplication: float | None = None  # hogwild layouts: mean over workers of the 8-gram overlap
+    others_attention: float | None = None  # with --collab-stats: mean share on others' current steps
 
     def key(self) -> tuple[str, str, int]:
         return self.id, self.method, self.budget
@@ -156,15 +162,19 @@ class Snapshot:
     forward_passes: int
     tokens: int
     elapsed_s: float
+    collaboration: dict = field(default_factory=dict)
 
 
 @dataclass
 class Cell:
-    """Accuracy of one method at one budget."""
+    """Accuracy of one method at one budget, and the means of the rows' collaboration measures
+    (None where no row has them)."""
 
     accuracy: float
     stderr: float
     n: int
+    duplication: float | None = None
+    others_attention: float | None = None
 
 
 @dataclass
@@ -178,7 +188,8 @@ class Summary:
             "dataset": self.dataset,
             "n": self.n,
             "methods": {
-                m: {str(b): asdict(cell) for b, cell in cells.items()} for m, cells in self.methods.items()
+                m: {str(b): {k: v for k, v in asdict(cell).items() if v is not None} for b, cell in cells.items()}
+                for m, cells in self.methods.items()
             },
         }
 
@@ -327,7 +338,7 @@ def _sampling(config: EvalConfig):
 
 def _reduce(event) -> Snapshot:
     return Snapshot(event.budget, event.answer, event.answered_by, event.forward_passes,
-                    event.tokens_generated, event.elapsed_s)
+                    event.tokens_generated, event.elapsed_s, event.collaboration)
 
 
 def groups(methods: Sequence[str]) -> list[list[str]]:
@@ -346,6 +357,7 @@ class Job:
     seeds: list[int]
     sessions: list
     snapshots: list[list[Snapshot]]
+    others: list[float] = field(default_factory=list)  # collab_stats: share on others per pass (session 0)
 
     @property
     def done(self) -> bool:
@@ -370,7 +382,8 @@ def make_job(engine, problem: Problem, group: Sequence[str], config: EvalConfig)
         workers, layout = 1, "independent"
     sessions = [
         engine.session(problem.problem, SolveConfig(
-            workers, layout, budgets[-1], _sampling(config), seed, config.collab_every, budgets
+            workers, layout, budgets[-1], _sampling(config), seed, config.collab_every, budgets,
+            config.collab_stats,
         ))
         for seed in seeds
     ]
@@ -381,7 +394,7 @@ def job_rows(job: Job) -> list[Row]:
     """The rows of a finished job: one per method and budget."""
     problem, runs = job.problem, job.snapshots
     if job.group[0] in HOGWILD_LAYOUTS:
-        return [_row(problem, job.group[0], s, job.seeds[0]) for s in runs[0]]
+        return [_row(problem, job.group[0], s, job.seeds[0], collaboration=True) for s in runs[0]]
     rows = []
     if "single" in job.group:
         rows += [_row(problem, "single", s, job.seeds[0]) for s in runs[0]]
@@ -396,12 +409,26 @@ def job_rows(job: Job) -> list[Row]:
     return rows
 
 
-def _row(problem: Problem, method: str, snap: Snapshot, seed: int, votes: list | None = None) -> Row:
+def _row(problem: Problem, method: str, snap: Snapshot, seed: int, votes: list | None = None,
+         collaboration: bool = False) -> Row:
+    """collaboration: fill ``duplication`` and ``others_attention`` from the snapshot (hogwild layouts)."""
+    from .collaboration import on_others
+
     correct, extracted = check_answer(snap.answer, problem.answer)
+    dup = attention = None
+    if collaboration:
+        dup = _mean([d["ngram_overlap"] for d in snap.collaboration["duplication"].values()])
+        if "attention" in snap.collaboration:
+            attention = _mean([on_others(a) for a in snap.collaboration["attention"].values()])
     return Row(
         problem.id, method, snap.budget, snap.answer, extracted, problem.answer, correct, snap.answered_by,
-        snap.tokens, snap.forward_passes, round(snap.elapsed_s, 3), seed, votes,
+        snap.tokens, snap.forward_passes, round(snap.elapsed_s, 3), seed, votes, duplication=dup,
+        others_attention=attention,
     )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
 
 
 def _overflow_rows(problem: Problem, group: Sequence[str], config: EvalConfig, error: str) -> list[Row]:
@@ -418,11 +445,17 @@ def run_jobs(
     config: EvalConfig,
     on_rows: Callable[[list[Row]], None],
     on_pass: Callable[[int], None] = lambda live: None,
+    on_curve: Callable[[Job], None] = lambda job: None,
 ) -> None:
     """Run (problem, group) jobs, up to ``config.batch`` at a time, every worker of every job in
     flight in one forward pass per step (as ``Engine.stream`` runs one session). ``on_rows`` gets
-    each job's rows as soon as it is done; ``on_pass`` the number of jobs in flight after a pass."""
+    each job's rows as soon as it is done; ``on_pass`` the number of jobs in flight after a pass;
+    ``on_curve`` (with ``collab_stats``) each done hogwild job, whose ``others`` holds its share on
+    others per pass."""
     import torch
+
+    from .collaboration import on_others
+    from .engine.events import CollabEvent
 
     queue = iter(todo)
     active: list[Job] = []
@@ -445,17 +478,25 @@ def run_jobs(
                 live = [(job, i, s) for job in active for i, s in enumerate(job.sessions) if not s.done]
                 inputs = [s.inputs() for _, _, s in live]
                 t0 = time.perf_counter()
-                logits = engine.runner.forward([row for rows in inputs for row in rows])
+                logits = engine.runner.forward([row for rows in inputs for row in rows],
+                                               collab_stats=config.collab_stats)
                 elapsed = time.perf_counter() - t0
+                pass_shares = engine.runner.shares  # before a finisher's pass replaces it
                 start = 0
                 for (job, i, session), rows in zip(live, inputs, strict=True):
-                    session.advance(logits[start : start + len(rows)], elapsed)
+                    shares = pass_shares[start : start + len(rows)] if config.collab_stats else None
+                    events = session.advance(logits[start : start + len(rows)], elapsed, shares)
                     start += len(rows)
+                    if i == 0:
+                        job.others += [_mean([on_others(s) for s in e.shares.values()]) for e in events
+                                       if isinstance(e, CollabEvent)]
                     job.snapshots[i] += [_reduce(event) for event in session.due_snapshots()]
                 for job in [job for job in active if job.done]:
                     active.remove(job)
                     job.close()
                     on_rows(job_rows(job))
+                    if config.collab_stats and job.group[0] in HOGWILD_LAYOUTS:
+                        on_curve(job)
                 on_pass(len(active))
     finally:
         for job in active:
@@ -522,7 +563,11 @@ def summarize(rows: Iterable[Row], config: EvalConfig, problems: Sequence[Proble
             found = [by_key[(p.id, method, budget)] for p in problems if (p.id, method, budget) in by_key]
             n = len(found)
             p = sum(r.correct for r in found) / n if n else 0.0
-            cells[budget] = Cell(round(p, 4), round(math.sqrt(p * (1 - p) / n), 4) if n else 0.0, n)
+            cells[budget] = Cell(
+                round(p, 4), round(math.sqrt(p * (1 - p) / n), 4) if n else 0.0, n,
+                _mean([r.duplication for r in found if r.duplication is not None]),
+                _mean([r.others_attention for r in found if r.others_attention is not None]),
+            )
         summary.methods[method] = cells
     return summary
 
@@ -557,6 +602,38 @@ def plot(summary: Summary, config: EvalConfig, path: Path, title: str) -> None:
     highest = max((100 * (c.accuracy + c.stderr) for cells in summary.methods.values() for c in cells.values()),
                   default=0.0)
     ax.set_ylim(0, min(105.0, max(10.0, 1.15 * highest)))  # a flat 0 % line still shows a scale
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    if ax.has_data():
+        ax.legend()
+    fig.savefig(path, dpi=120)
+
+
+def read_curves(path: Path) -> dict[str, dict[str, list[float]]]:
+    """collab.jsonl: layout -> problem id -> share on others per forward pass (the last line wins)."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                data = json.loads(line)
+                curves.setdefault(data["method"], {})[data["id"]] = data["others"]
+    return curves
+
+
+def plot_collaboration(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
+    """collaboration.png: the mean over problems of the attention share on others' current steps
+    against forward passes, a line per layout."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for layout, runs in curves.items():
+        length = max(len(v) for v in runs.values())
+        ys = [[v[k] for v in runs.values() if k < len(v)] for k in range(length)]
+        ax.plot(range(1, length + 1), [100 * sum(y) / len(y) for y in ys], label=f"{layout} ({len(runs)} runs)")
+    ax.set_xlabel("forward pass")
+    ax.set_ylabel("attention on other workers' current steps, %")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     if ax.has_data():
@@ -626,14 +703,22 @@ def evaluate(config: EvalConfig, load_engine: Callable[[], Any]) -> Summary:
                              "right" if row.correct else "wrong", row.reference)
             bar.update(len({row.method for row in rows}))
 
+        def on_curve(job: Job) -> None:
+            line = {"id": job.problem.id, "method": job.group[0], "others": job.others}
+            with open(out / "collab.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+
         try:
-            run_jobs(engine, todo, config, on_rows, on_pass)
+            run_jobs(engine, todo, config, on_rows, on_pass, on_curve)
         finally:
             bar.close()
     summary = summarize(read_rows(results), config, problems)
     (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     model = config.model or "SmolLM2-135M-Instruct"
     plot(summary, config, out / "accuracy.png", f"{config.label}, {model}, {summary.n} problems")
+    curves = read_curves(out / "collab.jsonl")
+    if curves:
+        plot_collaboration(curves, out / "collaboration.png", f"{config.label}, {model}: who reads whom")
     return summary
 
 
@@ -672,6 +757,8 @@ def register(sub) -> None:
                    help="tokens between collaboration checks (default: the protocol's; 0: never)")
     p.add_argument("--batch", type=int, default=1,
                    help="runs in flight at once, all their workers in one forward pass (faster; more memory)")
+    p.add_argument("--collab-stats", action="store_true",
+                   help="record attention shares every pass: summary and collaboration.png (passes run eagerly)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: eval-results/DATASET)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_arguments(p)
@@ -686,7 +773,7 @@ def run_eval(args) -> int:
         dataset=args.dataset, out=args.out or Path("eval-results") / label, limit=args.limit,
         workers=args.workers, layouts=args.layouts, baselines=args.baselines, budgets=args.budgets,
         seed=args.seed, temperature=args.temperature, top_p=args.top_p, collab_every=args.collab_every,
-        model=args.model, dtype=args.dtype, batch=args.batch,
+        model=args.model, dtype=args.dtype, batch=args.batch, collab_stats=args.collab_stats,
     )
     _sampling(config)  # bad temperature / top-p fail here, before anything runs
 

@@ -107,7 +107,7 @@ def fake_run_jobs(calls):
     """Answers the reference for "combined" (and at budget 4), a wrong number otherwise; records
     each (problem, group) it is asked to run."""
 
-    def run_jobs(engine, todo, config, on_rows, on_pass=lambda live: None):
+    def run_jobs(engine, todo, config, on_rows, on_pass=lambda live: None, on_curve=lambda job: None):
         for problem, group in todo:
             calls.append((problem.id, tuple(group)))
             rows = []
@@ -243,9 +243,17 @@ def test_end_to_end_tiny(tmp_path, model):
         return engine
 
     cfg = ev.EvalConfig(dataset=str(TINY), out=tmp_path, budgets=(2, 3), workers=2, layouts=("combined",),
-                        baselines=("single", "independent"), batch=4)
+                        baselines=("single", "independent"), batch=4, collab_stats=True)
     summary = ev.evaluate(cfg, load_engine).to_json()
     assert summary["n"] == 3
+    for budget in ("2", "3"):  # collaboration measures for the hogwild layout only
+        cell = summary["methods"]["combined"][budget]
+        assert 0 <= cell["duplication"] <= 1 and 0 < cell["others_attention"] < 1
+        assert "others_attention" not in summary["methods"]["single"][budget]
+    curves = ev.read_curves(tmp_path / "collab.jsonl")
+    assert set(curves) == {"combined"} and set(curves["combined"]) == {"tiny-1", "tiny-2", "tiny-3"}
+    assert all(len(v) == 3 and v[0] == 0.0 < v[1] for v in curves["combined"].values())  # nothing to read at pass 1
+    assert (tmp_path / "collaboration.png").read_bytes().startswith(PNG_SIGNATURE)
     assert {m: sorted(c) for m, c in summary["methods"].items()} == {
         m: ["2", "3"] for m in ("combined", "single", "independent")
     }

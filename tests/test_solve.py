@@ -101,6 +101,7 @@ def test_every_layout_runs(engine, layout, workers):
     assert isinstance(events[-1], DoneEvent)
     assert result.forward_passes <= 10 and result.layout == layout
     assert len(result.workers) == workers
+    assert set(result.collaboration) == {"duplication"}  # attention shares only with collab_stats
     assert {e.worker_index for e in events if isinstance(e, TokenEvent)} == set(range(workers))
     assert engine.runner.cache.nbytes() == 0  # the session's blocks are freed
 
@@ -144,13 +145,23 @@ def test_bad_input_cli(capsys, argv, message):
 
 def test_cli_json_and_transcript(capsys, tmp_path):
     transcript = tmp_path / "run.md"
-    code = main(["solve", PROBLEM, "--workers", "2", "--budget", "16", "--json", "--transcript", str(transcript)])
+    code = main(["solve", PROBLEM, "--workers", "2", "--budget", "16", "--json", "--transcript", str(transcript),
+                 "--collab-stats"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"answer", "workers", "history", "forward_passes", "tokens_generated", "elapsed_s",
-                         "timings", "model", "layout"}
+                         "timings", "model", "layout", "collaboration"}
+    collaboration = data["collaboration"]
+    assert set(collaboration) == {"attention", "duplication"}
+    for name, other in (("Alice", "Bob"), ("Bob", "Alice")):
+        shares = collaboration["attention"][name]
+        assert set(shares) == {"prompt", "history", "protocol", "own", "others"} and set(shares["others"]) == {other}
+        assert sum(shares[k] for k in ("prompt", "history", "protocol", "own")) + shares["others"][other] == \
+            pytest.approx(1.0, abs=1e-5)
+        assert set(collaboration["duplication"][name]["mentions"]) == {other}
     assert set(data["timings"]) == {"prefill", "decode", "finisher"}
     assert [w["name"] for w in data["workers"]] == ["Alice", "Bob"]
     assert data["forward_passes"] == 16 and data["tokens_generated"] == 32
     text = transcript.read_text()
     assert "## Problem" in text and PROBLEM in text and "### Alice" in text
+    assert "## Collaboration" in text and "Attention shares" in text

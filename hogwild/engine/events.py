@@ -113,6 +113,7 @@ class SnapshotEvent:
     forward_passes: int
     tokens_generated: int
     elapsed_s: float
+    collaboration: dict = field(default_factory=dict)  # as Result.collaboration, up to this budget
 
 
 @dataclass(frozen=True)

@@ -390,7 +390,8 @@ class Session:
         answer, by = self.answer, self.answered_by
         if answer is None:
             answer, by = self.finisher_answer(), "finisher"
-        return SnapshotEvent(budget, answer, by, self.forward_passes, self.tokens_generated, self.elapsed())
+        return SnapshotEvent(budget, answer, by, self.forward_passes, self.tokens_generated, self.elapsed(),
+                             self.collaboration())
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
