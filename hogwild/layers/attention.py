@@ -233,7 +233,7 @@ class PassPlan:
                 self.triton = static.meta
             if collab_stats:
                 self.stats = self._triton_stats(host)
-                self.triton.stats = self.stats
+            self.triton.stats = self.stats  # the merge kernel writes shares only where it is set
             return
         if backend == "reference":
             if collab_stats:

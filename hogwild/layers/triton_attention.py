@@ -223,6 +223,7 @@ class DeviceMeta:
         self.l = torch.empty(shape, dtype=torch.float32, device=device)
         self.acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=device)
         self.filled = (0, 0)
+        self.stats = None  # a pass plan's AttentionStats (collab_stats): the merge also writes attention shares
 
     @classmethod
     def allocate(cls, rows: int, items: int, pairs: int, pcs: int, pages: int, T: int, q_heads: int,
@@ -370,11 +371,15 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr,
-    stride_ob, stride_ot, stride_oh, ws_pc, ws_h,
-    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PC_BLOCK: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, pc_pair_ptr, stats_ptr,
+    stride_ob, stride_ot, stride_oh, ws_pc, ws_h, q_heads,
+    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PC_BLOCK: tl.constexpr, COLLAB: tl.constexpr,
 ):
-    """One row x query head x token: log-sum-exp merge of the row's pcs, PC_BLOCK at a time."""
+    """One row x query head x token: log-sum-exp merge of the row's pcs, PC_BLOCK at a time.
+
+    COLLAB: also add each pc's share of the merged mass, ``l * 2**(m - M) / L``, divided by the
+    heads and the row's tokens, to its pair's entry of ``stats`` (float32 [pairs]; ``pc_pair``:
+    int32 [pcs], each pc's pair)."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
     t = tl.program_id(2)
@@ -404,6 +409,18 @@ def _merge_kernel(
         acc = acc * alpha + tl.sum(acc_pc * beta[:, None], 0)
         m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)  # nothing seen (padding): zeros
+    if COLLAB:  # a padding token has no pcs (end == start): it adds nothing
+        m_ref = tl.where(m_run == float("-inf"), 0.0, m_run)
+        scale = 1.0 / (tl.where(l_run > 0, l_run, 1.0) * q_heads * tl.load(rows_ptr + b * 3 + 2))
+        for p0 in range(start, end, PC_BLOCK):
+            pc = p0 + tl.arange(0, PC_BLOCK)
+            use = pc < end
+            use = use & (t >= tl.load(pc_tlo_ptr + pc, mask=use, other=0))
+            ws = pc * ws_pc + hq * ws_h + t
+            m_pc = tl.load(m_ptr + ws, mask=use, other=float("-inf"))
+            l_pc = tl.load(l_ptr + ws, mask=use, other=0.0)
+            pair = tl.load(pc_pair_ptr + pc, mask=use, other=0)
+            tl.atomic_add(stats_ptr + pair, l_pc * tl.exp2(m_pc - m_ref) * scale, mask=use)
     o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + hq * stride_oh + offs_d
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -445,9 +462,14 @@ def triton_attention(
         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8, num_stages=2,
     )
     out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
+    stats = meta.stats  # AttentionStats (collab_stats): this layer's row of its [layers, pairs] buffer
+    if stats is None:
+        pc_pair = layer_stats = meta.rows  # not read (COLLAB=False)
+    else:
+        pc_pair, layer_stats = stats.pc_pair, stats.stats[stats.layer_of[layer_keys.data_ptr()]]
     _merge_kernel[(B, Hq, T)](
-        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out,
-        out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h,
-        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16, num_warps=4,
+        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, pc_pair, layer_stats,
+        out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h, Hq,
+        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16, COLLAB=stats is not None, num_warps=4,
     )
     return out
