@@ -20,27 +20,28 @@ INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / 
 QUESTION = "Quick check: am I doing redundant work? (yes/no): "
 
 
-def shares_of(backend, lengths, views, n_new, zero_keys=False, seed=0):
+def shares_of(backend, lengths, views, n_new, zero_keys=False, seed=0, device="cpu"):
     """Run one synthetic pass (LAYERS layers) on ``backend``; returns per row float32 [layers, entries].
 
     lengths: block name -> keys already held; views: per row, block names (its own block last);
-    n_new: per row, new tokens. zero_keys: every key is 0 (all scores equal).
+    n_new: per row, new tokens. zero_keys: every key is 0 (all scores equal). Random numbers come
+    from a CPU generator, then move to ``device``.
     """
     g = torch.Generator().manual_seed(seed)
-    cache = SharedCache(LAYERS, KV_HEADS, HEAD_DIM, INV_FREQ, capacity_tokens=2048, page_size=4)
+    cache = SharedCache(LAYERS, KV_HEADS, HEAD_DIM, INV_FREQ, capacity_tokens=2048, page_size=4, device=device)
     blocks = {}
     for name, n in lengths.items():
         blocks[name] = block = cache.new_block(name)
         cache.reserve(block, n)
         for layer in range(LAYERS):
             k = torch.randn(KV_HEADS, n, HEAD_DIM, generator=g) * (not zero_keys)
-            cache.write(block, layer, 0, k, torch.randn(KV_HEADS, n, HEAD_DIM, generator=g))
+            cache.write(block, layer, 0, k.to(device), torch.randn(KV_HEADS, n, HEAD_DIM, generator=g).to(device))
         cache.commit(block, [0] * n)
     steps = [WorkerStep([0] * n, [blocks[b] for b in view]) for view, n in zip(views, n_new, strict=True)]
     plan = plan_pass(steps, cache, HEAD_DIM**-0.5, torch.float32, 10_000, backend=backend, groups=GROUPS,
                      collab_stats=True)
-    query = torch.randn(len(steps), KV_HEADS * GROUPS, plan.T, HEAD_DIM, generator=g)
-    key = torch.randn(len(steps), KV_HEADS, plan.T, HEAD_DIM, generator=g) * (not zero_keys)
+    query = torch.randn(len(steps), KV_HEADS * GROUPS, plan.T, HEAD_DIM, generator=g).to(device)
+    key = (torch.randn(len(steps), KV_HEADS, plan.T, HEAD_DIM, generator=g) * (not zero_keys)).to(device)
     for i, row in enumerate(plan.rows):
         for layer in range(LAYERS):
             cache.write(row.write, layer, row.start, key[i, :, : row.n_new], key[i, :, : row.n_new] + 1)
@@ -58,22 +59,22 @@ BACKENDS = ("torch", "reference", "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_identical_keys_share_by_length(backend):
+def test_identical_keys_share_by_length(backend, device):
     """All keys 0: every visible key gets the same weight, so a block's share is its length over the view's."""
     lengths = {"prompt": 37, "a": 5, "b": 12, "empty": 0, "own0": 3, "own1": 0}
     views = [["prompt", "a", "empty", "b", "a", "own0"], ["prompt", "b", "own1"]]
-    shares = shares_of(backend, lengths, views, [1, 1], zero_keys=True)
+    shares = shares_of(backend, lengths, views, [1, 1], zero_keys=True, device=device)
     seen = [[37, 5, 0, 12, 5, 4], [37, 12, 1]]  # the own block shows its new token too
     for row, counts in zip(shares, seen, strict=True):
         expected = torch.tensor(counts, dtype=torch.float32) / sum(counts)
         torch.testing.assert_close(row, expected.expand(LAYERS, -1), atol=1e-6, rtol=0)
 
 
-def test_backends_agree_and_rows_sum_to_one():
+def test_backends_agree_and_rows_sum_to_one(device):
     """Random keys, several new tokens (causal within the own block), a block seen twice, a long block."""
     lengths = {"prompt": 70, "h": 9, "w0": 4, "w1": 6, "w2": 0, "m": 2}
     views = [["prompt", "h", "w1", "m", "w2", "m", "w0"], ["prompt", "h", "w0", "m", "w1"], ["prompt", "w2"]]
-    results = {b: shares_of(b, lengths, views, [3, 1, 2], seed=3) for b in BACKENDS}
+    results = {b: shares_of(b, lengths, views, [3, 1, 2], seed=3, device=device) for b in BACKENDS}
     for rows in results.values():
         for row in rows:
             torch.testing.assert_close(row.sum(1), torch.ones(LAYERS), atol=1e-5, rtol=0)
