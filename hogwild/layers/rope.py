@@ -4,6 +4,10 @@ Keys are stored rotated at block-local positions; a query is rotated further by 
 between its own block and the block it reads (``delta``). All angles are computed in float64
 (an fp32 angle at position 8192 is off by ~1e-3 rad) and the cos/sin are cast to the data type.
 YaRN's attention factor is a scale, not a rotation: it is applied once by the model and never here.
+
+Partial rotary (``partial_rotary_factor`` < 1, e.g. Phi-4-mini): inv_freq has R/2 < D/2 entries and
+only the first R dims of a head rotate ("rotate half" within them, as transformers' Phi3 does); the
+other D - R dims pass through unchanged. The rotary width is always ``2 * len(inv_freq)``.
 """
 
 from __future__ import annotations
@@ -34,11 +38,16 @@ def rotation(
 
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., D] by the angles behind cos, sin (broadcastable to x)."""
+    """Rotate x [..., D] by the angles behind cos, sin ([..., R], broadcastable; R < D: partial rotary,
+    the first R dims rotate and the rest pass through)."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        rot, rest = x[..., :R], x[..., R:]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, delta: int) -> torch.Tensor:
-    """Rotate every vector of x [..., D] by the same position offset ``delta``."""
+    """Rotate every vector of x [..., D] by the same position offset ``delta`` (first 2 * len(inv_freq) dims)."""
     cos, sin = rotation(inv_freq.to(x.device), torch.tensor(delta, device=x.device), x.dtype)
     return apply_rotation(x, cos, sin)
