@@ -11,7 +11,7 @@ import torch
 
 from hogwild.bench import measure, methods
 from hogwild.cli import main
-from hogwild.model import RANDOM_CONFIGS, random_model, random_tokenizer
+from hogwild.model import RANDOM_CONFIGS, ordinary_attention, random_model, random_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--random-config", "tiny-qwen2"]
@@ -70,27 +70,46 @@ def test_bench_cpu_methods_json_and_files(tmp_path, capsys):
 
 def test_bench_triton_and_compiled_methods(tmp_path, capsys):
     """hogwild-triton (Triton's interpreter here) and transformers-compiled (StaticCache and
-    torch.compile; the eager backend checks the capture without generating code) on GQA 7."""
+    torch.compile; the eager backend checks the capture without generating code) on GQA 7: one
+    compiled graph serves every N and L."""
     out = tmp_path / "bench"
     argv = ["bench", "--random-config", "tiny-qwen2-gqa7", "--methods",
-            "hogwild-triton,transformers,transformers-compiled", "--compile-backend", "eager", "--workers", "2",
+            "hogwild-triton,transformers,transformers-compiled", "--compile-backend", "eager", "--workers", "1,2",
             "--context", "12", "--steps", "1", "--warmup", "1", "--out", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| N | L | method | ms/step [quartiles] | worker tok/s | vs transformers | vs compiled |" in table
     assert "random tiny-qwen2-gqa7" in table and "Not run" not in table
     result = json.loads((out / "bench.json").read_text())
-    (cell,) = result["cells"]
-    res = cell["results"]
-    assert all(r["status"] == "ok" for r in res.values())
-    assert res["hogwild-triton"]["max_abs_logit_diff"] < 1e-4
-    assert res["transformers-compiled"]["max_abs_logit_diff"] < 1e-4
-    assert "vs_transformers_compiled" in res["transformers"] and "vs_transformers" in res["transformers-compiled"]
     bpt = tiny_bytes_per_token("tiny-qwen2-gqa7")
-    compiled = res["transformers-compiled"]
-    assert compiled["kv_bytes"] == 2 * 13 * bpt
-    assert compiled["kv_allocated_bytes"] == 2 * (12 + 1 + 1 + 1) * bpt  # a static cache of L + decoded tokens
-    assert result["compile"]["backend"] == "eager" and result["compile"]["graphs"] >= 1
+    for cell in result["cells"]:
+        N, res = cell["workers"], cell["results"]
+        assert all(r["status"] == "ok" for r in res.values())
+        assert res["hogwild-triton"]["max_abs_logit_diff"] < 1e-4
+        assert res["transformers-compiled"]["max_abs_logit_diff"] < 1e-4
+        assert "vs_transformers_compiled" in res["transformers"] and "vs_transformers" in res["transformers-compiled"]
+        compiled = res["transformers-compiled"]
+        assert compiled["kv_bytes"] == N * 13 * bpt
+        assert compiled["kv_allocated_bytes"] == N * (12 + 1 + 1 + 1) * bpt  # a static cache of L + decoded tokens
+    assert result["compile"] == {"backend": "eager", "mode": None, "size_oblivious": True, "graphs": 1,
+                                 "cudagraph_skips": 0}
+
+
+def test_compiled_falls_back_to_plain_dynamic_shapes(monkeypatch):
+    """Where size-oblivious tracing fails, the compiled call recompiles with plain dynamic shapes."""
+    from transformers import StaticCache
+
+    model = random_model("tiny-qwen2")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("not here")
+
+    monkeypatch.setattr(torch._dynamo, "mark_static", fails)
+    call = methods.CompiledCall(model, backend="eager")
+    cache = StaticCache(config=model.model.config, max_cache_len=8)
+    with torch.no_grad(), ordinary_attention(model.model):
+        logits = call(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]), cache)
+    assert logits.shape == (2, 1, 1024) and call.oblivious is False
 
 
 def test_bench_full_pool_is_skipped_not_a_crash(tmp_path, capsys):

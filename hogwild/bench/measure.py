@@ -379,7 +379,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
         result.wall_s = round(time.perf_counter() - started, 1)
         result.machine["load_average_end"] = load_average()
         if "transformers-compiled" in config.methods:
-            result.compile = compile_stats(config)
+            result.compile = compile_stats(config, methods)
         if on_cell is not None and not complete:
             on_cell(result)
 
@@ -421,16 +421,19 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
     return result
 
 
-def compile_stats(config: BenchConfig) -> dict:
-    """torch.compile's counts for transformers-compiled: graphs compiled, CUDA-graph skips."""
-    stats: dict = {"backend": config.compile_backend, "mode": "reduce-overhead" if config.compile_backend == "inductor"
-                   else None}
+def compile_stats(config: BenchConfig, methods: dict) -> dict:
+    """torch.compile's facts for transformers-compiled: backend, mode, whether the batch size was
+    traced size-obliviously (one graph), graphs compiled, CUDA-graph skips."""
+    compiled = getattr(methods.get("transformers-compiled"), "compiled", None)
+    stats: dict = {
+        "backend": config.compile_backend, "mode": "reduce-overhead" if config.compile_backend == "inductor" else None,
+        "size_oblivious": getattr(compiled, "oblivious", None),
+    }
     try:
         from torch._dynamo.utils import counters
 
         stats["graphs"] = int(counters["stats"]["unique_graphs"])
-        stats["cudagraph_skips"] = int(sum(counters["inductor"].get(k, 0) for k in counters["inductor"]
-                                           if "cudagraph_skip" in k))
+        stats["cudagraph_skips"] = int(sum(v for k, v in counters["inductor"].items() if "cudagraph_skip" in k))
     except Exception:  # private counters: report what is there
         pass
     return stats

@@ -20,14 +20,18 @@ N rows: N identical rows would compute the same K/V N times.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious, see CompiledCall
 from transformers import DynamicCache, StaticCache
 
 from ..cache import Block
 from ..engine.runner import Runner, WorkerStep
 from ..model import LoadedModel, ordinary_attention
+
+log = logging.getLogger(__name__)
 
 #: Every method, in table order.
 METHODS = ("hogwild-triton", "hogwild-torch", "transformers", "transformers-compiled", "materialize")
@@ -222,18 +226,52 @@ class TransformersPrompt(Prompt):
 
 class CompiledCall:
     """The model's forward compiled once per run, as transformers' ``generate`` compiles its decode
-    step (``torch.compile(model.__call__)``). backend "inductor" uses mode "reduce-overhead"
-    (CUDA graphs on CUDA); "eager" or "aot_eager" dry-run the capture without code generation.
-    ``dynamic=True``: one graph for every context and one for N >= 2 (N = 1 is specialised)."""
+    step (``torch.compile(model.__call__, fullgraph=True)``). backend "inductor" uses mode
+    "reduce-overhead" (CUDA graphs on CUDA); "eager" or "aot_eager" check the capture without
+    generating code.
+
+    Shapes are dynamic, so one graph serves every context and worker count: the batch size is
+    traced size-obliviously (``backed_size_oblivious``, the new-token dimension static), else
+    N = 1 would get a graph of its own (a second compilation of the whole model). Where that
+    option is missing or its compilation fails, plain ``dynamic=True`` takes over (two graphs)."""
 
     def __init__(self, model: LoadedModel, backend: str = "inductor"):
+        self.model = model
         self.backend = backend
+        self.oblivious = hasattr(torch.fx.experimental._config, "backed_size_oblivious")
+        self.compiled_once = False
+        self.fn = self.compile()
+
+    def compile(self):
         options: dict = dict(fullgraph=True, dynamic=True)
-        if backend == "inductor":
+        if self.backend == "inductor":
             options["mode"] = "reduce-overhead"
         else:
-            options["backend"] = backend
-        self.fn = torch.compile(model.model.__call__, **options)
+            options["backend"] = self.backend
+        return torch.compile(self.model.model.__call__, **options)
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """input_ids, position_ids: [N, 1] -> logits [N, 1, vocab] (CUDA-graph memory: copy them)."""
+        kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        kwargs[self.model.cache_argument] = cache
+        if not self.oblivious:
+            return self.fn(**kwargs).logits
+        try:
+            for t in (input_ids, position_ids):
+                torch._dynamo.mark_static(t, 1)
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                logits = self.fn(**kwargs).logits
+        except Exception as exc:
+            if self.compiled_once:
+                raise
+            log.warning("transformers-compiled: size-oblivious compilation failed (%s: %s); compiling with "
+                        "plain dynamic shapes", type(exc).__name__, str(exc).split("\n")[0][:200])
+            self.oblivious = False
+            torch._dynamo.reset()
+            self.fn = self.compile()
+            return self(input_ids, position_ids, cache)
+        self.compiled_once = True
+        return logits
 
 
 class TransformersMethod(Method):
@@ -315,11 +353,7 @@ class CompiledDecoder(Decoder):
         position_ids = torch.full_like(input_ids, self.length)
         with ordinary_attention(model.model):
             start = time.perf_counter()
-            out = self.compiled.fn(
-                input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                **{model.cache_argument: self.cache},
-            )
-            logits = out.logits[:, -1].float()  # [N, vocab]
+            logits = self.compiled(input_ids, position_ids, self.cache)[:, -1].float()  # [N, vocab]
             synchronize(device)
             elapsed = time.perf_counter() - start
         self.length += 1
