@@ -69,8 +69,10 @@ class Block:
 class SharedCache:
     """All blocks of one or more sessions, in one paged pool; blocks are made, grown, moved and freed here.
 
-    inv_freq: [head_dim / 2] rotary inverse frequencies of the model (scaling folded in), used
-    for the one-time key rotation when one block is appended to another. capacity_tokens: slots
+    inv_freq: rotary inverse frequencies of the model (scaling folded in), used for the one-time key
+    rotation when one block is appended to another: [R/2] for every layer, or [layers, R/2] with a
+    table per layer (Gemma 3's local and global RoPE); R < head_dim is partial rotary (the first R
+    dims rotate). ``rope_tables`` holds the distinct tables, ``layer_rope[layer]`` indexes them. capacity_tokens: slots
     in the pool (rounded up to whole pages, plus the padding page).
     """
 
@@ -89,8 +91,22 @@ class SharedCache:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.inv_freq = inv_freq.to(device)
-        self.host_inv_freq = inv_freq.detach().cpu()  # pass plans are built on the host
+        per_layer = inv_freq.dim() == 2
+        tables = [inv_freq[layer] for layer in range(num_layers)] if per_layer else [inv_freq]
+        self.host_rope_tables: list[torch.Tensor] = []  # distinct tables, on the host (pass plans are built there)
+        self.layer_rope: list[int] = []
+        for table in tables:
+            table = table.detach().cpu()
+            k = next((k for k, t in enumerate(self.host_rope_tables) if torch.equal(t, table)), None)
+            if k is None:
+                k = len(self.host_rope_tables)
+                self.host_rope_tables.append(table)
+            self.layer_rope.append(k)
+        if not per_layer:
+            self.layer_rope *= num_layers
+        self.rope_tables = [t.to(device) for t in self.host_rope_tables]
+        self.inv_freq = self.rope_tables[0]  # the table of layer 0 (the only one unless per-layer)
+        self.host_inv_freq = self.host_rope_tables[0]
         self.dtype = dtype
         self.device = torch.device(device)
         self.page_size = page_size
@@ -110,6 +126,20 @@ class SharedCache:
         element = torch.empty((), dtype=dtype).element_size()
         per_token = 2 * num_layers * num_kv_heads * head_dim * element
         return cls(num_layers, num_kv_heads, head_dim, inv_freq, dtype, device, max(1, nbytes // per_token), **kw)
+
+    def rope(self, layer: int) -> torch.Tensor:
+        """The inverse frequencies of ``layer``'s RoPE table, on the pool's device."""
+        return self.rope_tables[self.layer_rope[layer]]
+
+    def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys of every layer [layers, kv_heads, n, D], each layer rotated by ``delta`` with its own table."""
+        if len(self.rope_tables) == 1:
+            return rotate_by(keys, self.inv_freq, delta)
+        out = torch.empty_like(keys)
+        for k, table in enumerate(self.rope_tables):
+            layers = torch.tensor([i for i, t in enumerate(self.layer_rope) if t == k], device=keys.device)
+            out[layers] = rotate_by(keys[layers], table, delta)
+        return out
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -232,18 +262,19 @@ class SharedCache:
     def move_prefix(self, dst: Block, src: Block, n: int) -> None:
         """Move src's first n tokens to the end of dst; src keeps the rest from position 0.
 
-        Moved keys are rotated by dst's length, kept keys by -n: one rotation each, no recompute.
+        Moved keys are rotated by dst's length, kept keys by -n: one rotation each (each layer with its
+        own RoPE table), no recompute.
         Used when a finished step goes into the history while the next step's header, fed in the
         same pass, stays in the worker's block.
         """
         start, rest = dst.length, src.length - n
         self.reserve(dst, start + n)
         moved, target = self.slot_tensor(src, 0, n), self.slot_tensor(dst, start, start + n)
-        self.keys.index_copy_(2, target, rotate_by(self.keys.index_select(2, moved), self.inv_freq, start))
+        self.keys.index_copy_(2, target, self.rotate_keys(self.keys.index_select(2, moved), start))
         self.values.index_copy_(2, target, self.values.index_select(2, moved))
         dst.token_ids.extend(src.token_ids[:n])
         if rest:
             kept, front = self.slot_tensor(src, n, n + rest), self.slot_tensor(src, 0, rest)
-            self.keys.index_copy_(2, front, rotate_by(self.keys.index_select(2, kept), self.inv_freq, -n))
+            self.keys.index_copy_(2, front, self.rotate_keys(self.keys.index_select(2, kept), -n))
             self.values.index_copy_(2, front, self.values.index_select(2, kept))
         del src.token_ids[:n]

@@ -60,7 +60,12 @@ def hogwild_attention(module, query, key, value, attention_mask, scaling, dropou
             "or wrap ordinary use (e.g. model.generate) in `with ordinary_attention(model): ...`"
         )
     if plan.backend == "triton":
+        from .layers.attention import layer_options
         from .layers.triton_attention import triton_attention
+
+        if any(option is not None for option in layer_options(kwargs)):
+            raise RuntimeError("the triton backend does not run sliding windows, attention sinks or logit "
+                               "soft-capping yet: use the torch backend for this model")
 
         layer = module.layer_idx
         return triton_attention(query, plan.cache.keys[layer], plan.cache.values[layer], plan.triton, scaling), None

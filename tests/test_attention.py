@@ -17,14 +17,16 @@ GROUPS = 3  # grouped-query attention: 6 query heads share 2 K/V heads
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
 
 
-def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int = 20, device="cpu"):
+def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int = 20, device="cpu",
+                inv_freq: torch.Tensor = INV_FREQ):
     """A cache of random shared blocks, views with shared and repeated blocks, new tokens padded.
 
     Random numbers come from a CPU generator (the same on every device), then move to ``device``.
+    inv_freq: [R/2] or per layer [2, R/2] (R < HEAD_DIM: partial rotary).
     """
     g = torch.Generator().manual_seed(seed)
     cache = SharedCache(  # small pages: blocks grow page by page, interleaved, across page boundaries
-        2, KV_HEADS, HEAD_DIM, INV_FREQ, dtype=dtype, device=device, capacity_tokens=4096, page_size=4,
+        2, KV_HEADS, HEAD_DIM, inv_freq, dtype=dtype, device=device, capacity_tokens=4096, page_size=4,
         initial_capacity=4,
     )
 

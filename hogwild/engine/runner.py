@@ -146,7 +146,12 @@ class Runner:
         cls, model: LoadedModel, attention: str = "auto", kv_memory: int | None = None, graphs: bool | None = None
     ) -> Runner:
         """A runner with a fresh cache of ``kv_memory`` bytes (default: ``default_kv_memory``)."""
-        attention = resolve_attention(attention, model.device)
+        asked, attention = attention, resolve_attention(attention, model.device)
+        if attention == "triton" and model.features:  # windows, sinks, per-layer or partial RoPE: torch only
+            if asked != "auto":
+                raise InputError(f"the triton backend does not support {', '.join(model.features)} yet "
+                                 f"({model.name} needs them); use --attention torch")
+            attention = "torch"
         cache = SharedCache.for_memory(
             model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype, model.device,
             kv_memory or default_kv_memory(model),

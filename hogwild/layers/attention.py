@@ -7,6 +7,14 @@ keys at their local positions in the writer's block. For entry e the query is ro
 by ``delta = offset(own) - offset(e)``, so that its position relative to e's keys is the one it
 has in the view.
 
+Per layer, transformers hands the attention function what the layer needs beyond plain causal
+attention, and every backend here reads it from there (``layer_options``): ``sliding_window`` W
+(a query at view position p sees only keys at view positions in (p - W, p], across every block of
+its view: per (pair, token) a visible key range [lo, hi) instead of a length), ``s_aux`` (gpt-oss
+attention sinks: a learned per-head logit that joins the softmax denominator once per row) and
+``softcap`` (Gemma 2: scores become ``softcap * tanh(score / softcap)`` before the mask). The
+RoPE table is the layer's own (``SharedCache.rope``): Gemma 3's local and global layers differ.
+
 ``PassPlan`` precomputes, once per pass, everything that does not depend on the layer: the
 (row, entry) pairs grouped by block, their rotations and their masks. Then, per layer:
 
@@ -42,6 +50,12 @@ class ViewEntry:
     visible: int
 
 
+def layer_options(kwargs: dict) -> tuple[int | None, torch.Tensor | None, float | None]:
+    """(sliding window, sinks [q_heads], logit soft-cap) of the layer being run, from the keyword
+    arguments transformers passes to the attention function (None: not used by this layer)."""
+    return kwargs.get("sliding_window"), kwargs.get("s_aux"), kwargs.get("softcap")
+
+
 @dataclass
 class Row:
     """One worker in one pass: new tokens go to ``entries[-1].block`` from local ``start`` on."""
@@ -57,6 +71,13 @@ class Row:
     @property
     def own_offset(self) -> int:
         return self.entries[-1].offset
+
+    def key_range(self, entry: ViewEntry, t: int, window: int | None = None) -> tuple[int, int]:
+        """The local keys [lo, hi) of ``entry`` that new token t (0 <= t < n_new) sees: keys before it
+        in the view, and with a window W only those at view positions in (p - W, p]."""
+        p = self.start + t + self.own_offset - entry.offset  # the query's position relative to entry
+        lo = 0 if window is None else max(0, p - window + 1)
+        return lo, max(lo, min(entry.visible, p + 1))
 
 
 @dataclass
@@ -75,6 +96,25 @@ class Group:
     mask: torch.Tensor | None
     cache: SharedCache
     slots: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None  # bool [pairs, T, key_len] on the host: the mask without a window
+    query_pos: torch.Tensor | None = None  # [pairs, T]: each query's position relative to its pair's entry
+    key_start: torch.Tensor | None = None  # [pairs]: where the pair's block begins among the group's keys
+    window_masks: dict = field(default_factory=dict)
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The additive mask of a layer with this sliding window (None: full attention), built once
+        per window and pass: keys more than window - 1 positions before the query are hidden too."""
+        if window is None:
+            return self.mask
+        if window not in self.window_masks:
+            keys = torch.arange(self.key_len)[None, :] - self.key_start[:, None]  # [pairs, key_len]
+            allowed = self.allowed & (keys[:, None, :] > self.query_pos[:, :, None] - window)
+            mask = None
+            if not bool(allowed.all()):
+                mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
+                mask = mask[:, None].to(self.cache.device)
+            self.window_masks[window] = mask
+        return self.window_masks[window]
 
     @property
     def key_len(self) -> int:
@@ -88,16 +128,21 @@ class Group:
         return self.cache.keys[layer].index_select(1, self.slots), self.cache.values[layer].index_select(1, self.slots)
 
 
-def rotation_matrices(inv_freq: torch.Tensor, deltas: list[int], scaling: float) -> torch.Tensor:
+def rotation_matrices(inv_freq: torch.Tensor, deltas: list[int], scaling: float, head_dim: int | None = None
+                      ) -> torch.Tensor:
     """R [pairs, D, D] with x @ R = scaling * rotate(x, delta): one batched matmul per layer.
 
     Built on the CPU in float64 (planning is host work); the caller moves R to the device.
+    head_dim D > 2 * len(inv_freq) = R: partial rotary, the last D - R dims pass through (identity).
     """
-    cos, sin = rotation(inv_freq.cpu(), torch.tensor(deltas), torch.float64)  # [P, D]
-    D = cos.shape[-1]
-    half = torch.eye(D, dtype=torch.float64).roll(D // 2, dims=1)  # x @ half = (x2, x1)
-    half[D // 2 :] *= -1  # x @ half = (-x2, x1) = rotate_half(x)
-    return scaling * (torch.diag_embed(cos) + half[None] * sin[:, None, :])
+    cos, sin = rotation(inv_freq.cpu(), torch.tensor(deltas), torch.float64)  # [P, R]
+    R = cos.shape[-1]
+    D = head_dim or R
+    half = torch.eye(R, dtype=torch.float64).roll(R // 2, dims=1)  # x @ half = (x2, x1)
+    half[R // 2 :] *= -1  # x @ half = (-x2, x1) = rotate_half(x)
+    out = torch.eye(D, dtype=torch.float64).repeat(len(deltas), 1, 1)
+    out[:, :R, :R] = torch.diag_embed(cos) + half[None] * sin[:, None, :]
+    return scaling * out
 
 
 def by_reader_rows(blocks: list[list[tuple[int, ViewEntry]]]) -> list[list[list[tuple[int, ViewEntry]]]]:
@@ -223,6 +268,10 @@ class PassPlan:
         if backend == "triton":
             from .triton_attention import DeviceMeta, build_meta
 
+            if len(cache.rope_tables) > 1 or 2 * self.inv_freq.shape[-1] != cache.head_dim:
+                raise ValueError("the triton backend runs one full-width RoPE table: per-layer tables and partial "
+                                 "rotary need the torch backend")
+
             host = build_meta(
                 rows, self.T, groups, cache.page_size, self.inv_freq, TRITON_CHUNK, triton_block_m(groups)
             )
@@ -256,7 +305,10 @@ class PassPlan:
         for cluster in clusters:
             self.groups.append(self._group(cluster, deltas, device))
         self.pair_row = torch.tensor(self.pair_row_list, device=device)
-        self.rotation = rotation_matrices(self.inv_freq, deltas, scaling).to(dtype).to(device)
+        # One set of rotations per distinct RoPE table; layer l uses rotations[cache.layer_rope[l]].
+        self.rotations = [rotation_matrices(table, deltas, scaling, cache.head_dim).to(dtype).to(device)
+                          for table in cache.host_rope_tables]
+        self.rotation = self.rotations[0]
         if collab_stats:
             self.stats = self._torch_stats(clusters, device)
 
@@ -296,7 +348,7 @@ class PassPlan:
         start = len(self.pair_row_list)
         segments = [(pairs[0][1].block, max(e.visible for _, e in pairs)) for pairs in cluster]
         total = sum(n for _, n in segments)
-        allowed = []
+        allowed, positions, starts = [], [], []
         key_start = 0
         for pairs, (_, key_len) in zip(cluster, segments, strict=True):
             keys = torch.arange(total) - key_start  # local key index within this block's segment
@@ -308,6 +360,8 @@ class PassPlan:
                 # Query t sits at local position start + t (padding repeats the last real token).
                 query_pos = row.start + torch.clamp(t, max=row.n_new - 1) + delta
                 allowed.append((keys >= 0) & (keys < entry.visible) & (keys[None, :] <= query_pos[:, None]))
+                positions.append(query_pos)
+                starts.append(key_start)
             key_start += key_len
         allowed = torch.stack(allowed)  # [pairs, T, total]
         mask = None
@@ -318,7 +372,8 @@ class PassPlan:
         slots = None
         if len(segments) > 1 or segments[0][0].contiguous(segments[0][1]) is None:
             slots = torch.tensor([s for block, n in segments for s in block.slots(0, n)], device=device)
-        return Group(segments, start, len(self.pair_row_list), mask, self.cache, slots)
+        return Group(segments, start, len(self.pair_row_list), mask, self.cache, slots, allowed,
+                     torch.stack(positions), torch.tensor(starts))
 
 
 def concurrent_attention(
@@ -335,18 +390,21 @@ def concurrent_attention(
     """Attention of B rows over their views. query: [B, Hq, T, D]; returns [B, T, Hq, D].
 
     ``key`` and ``value`` (the new tokens) were already written to the blocks by the cache.
+    A sliding window, sinks and a soft-cap come in ``kwargs`` (``layer_options``).
     """
     plan = hogwild_plan
     if plan is None:
         raise RuntimeError("hogwild attention needs a PassPlan (hogwild_plan=...)")
     layer = module.layer_idx
+    window, sinks, softcap = layer_options(kwargs)
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
     P = plan.pair_row.numel()
 
     # Rotate (and scale) every pair's queries in one batched matmul: [P, Hq*T, D] @ [P, D, D].
-    q = torch.bmm(query.index_select(0, plan.pair_row).view(P, Hq * T, D), plan.rotation)
+    rotation = plan.rotations[plan.cache.layer_rope[layer]]
+    q = torch.bmm(query.index_select(0, plan.pair_row).view(P, Hq * T, D), rotation)
     q = q.view(P, Hkv, G, T, D)
 
     outs, maxes, sums = [], [], []
@@ -356,15 +414,20 @@ def concurrent_attention(
         keys, values = g.keys_values(layer)  # [Hkv, L, D], read once for all n pairs
         L = keys.shape[1]
         scores = torch.bmm(qb, keys.transpose(1, 2)).float()  # [Hkv, n*G*T, L]
-        if g.mask is not None:
-            scores.view(Hkv, n, G, T, L).add_(g.mask)
+        if softcap:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
+        mask = g.mask_for(window)
+        if mask is not None:
+            scores.view(Hkv, n, G, T, L).add_(mask)
         m = scores.amax(-1, keepdim=True)
+        if window is not None:  # a window can hide a whole block from a token: no keys, m = -inf
+            m.clamp_(min=-1e30)  # exp(-inf - m) = 0 then, and the merge gives the pair no weight
         scores.sub_(m).exp_()
         sums.append(scores.sum(-1).view(Hkv, n, G, T))
         maxes.append(m.view(Hkv, n, G, T))
         outs.append(torch.bmm(scores.to(values.dtype), values).float().view(Hkv, n, G, T, D))
 
-    if len(plan.groups) == 1 and P == B and plan.pair_row_list == list(range(B)):
+    if sinks is None and len(plan.groups) == 1 and P == B and plan.pair_row_list == list(range(B)):
         out = outs[0] / sums[0][..., None]  # one pair per row, in row order: nothing to merge
         if plan.stats is not None:
             plan.stats.stats[layer].fill_(1.0)  # each row's one pair holds all of its mass
@@ -372,8 +435,13 @@ def concurrent_attention(
         m, s, o = torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1)  # pairs on dim 1
         index = plan.pair_row.view(1, P, 1, 1).expand_as(m)
         row_max = m.new_full((Hkv, B, G, T), float("-inf")).scatter_reduce_(1, index, m, "amax")
+        if sinks is not None:  # the sink logit joins each row's softmax denominator once, with no value
+            sink = sinks.float().view(Hkv, 1, G, 1)
+            row_max = torch.maximum(row_max, sink)
         weight = torch.exp(m - row_max.index_select(1, plan.pair_row))
         total = s.new_zeros((Hkv, B, G, T)).index_add_(1, plan.pair_row, s * weight)
+        if sinks is not None:
+            total += torch.exp(sink - row_max)
         out = o.new_zeros((Hkv, B, G, T, D)).index_add_(1, plan.pair_row, o * weight[..., None])
         out = out / total[..., None]
         if plan.stats is not None:  # pair p's share of its row's mass: s_p exp(m_p - M_r) / S_r
@@ -383,11 +451,12 @@ def concurrent_attention(
 
 
 def materialize_view(row: Row, layer: int, cache: SharedCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """A row's view as one sequence: keys [Hkv, S, D] re-rotated to view positions, values [Hkv, S, D]."""
+    """A row's view as one sequence: keys [Hkv, S, D] re-rotated to view positions (with the layer's
+    RoPE table), values [Hkv, S, D]."""
     keys, values = [], []
     for entry in row.entries:
         k, v = cache.read(entry.block, layer, entry.visible)
-        keys.append(rotate_by(k, cache.inv_freq, entry.offset))
+        keys.append(rotate_by(k, cache.rope(layer), entry.offset))
         values.append(v)
     return torch.cat(keys, 1), torch.cat(values, 1)
 
@@ -403,10 +472,16 @@ def reference_attention(
     hogwild_plan: PassPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The spec: per row, materialise the view and run plain causal softmax attention."""
+    """The spec: per row, materialise the view and run plain causal softmax attention.
+
+    With a sliding window W a query at view position p sees the keys at view positions in (p - W, p];
+    sinks add one logit per query head to the softmax (a column with no value); a soft-cap c maps
+    every score s to c * tanh(s / c) before masking.
+    """
     plan = hogwild_plan
     if plan is None:
         raise RuntimeError("hogwild attention needs a PassPlan (hogwild_plan=...)")
+    window, sinks, softcap = layer_options(kwargs)
     B, Hq, T, D = query.shape
     G = Hq // key.shape[1]
     out = torch.zeros(B, T, Hq, D, dtype=query.dtype, device=query.device)
@@ -415,14 +490,23 @@ def reference_attention(
         keys = keys.repeat_interleave(G, 0).float()  # [Hq, S, D]
         values = values.repeat_interleave(G, 0).float()
         positions = row.own_offset + row.start + torch.arange(row.n_new, device=query.device)
-        q = rotate_by(query[i, :, : row.n_new].float(), plan.cache.inv_freq, row.own_offset)  # local -> view
+        q = rotate_by(query[i, :, : row.n_new].float(), plan.cache.rope(module.layer_idx), row.own_offset)
         # A key at view position j is visible if it is before the query; entries hide unseen tokens.
         view_pos = torch.cat(
             [e.offset + torch.arange(e.visible, device=query.device) for e in row.entries]
         )
         allowed = view_pos[None, :] <= positions[:, None]
+        if window is not None:
+            allowed &= view_pos[None, :] > positions[:, None] - window
         scores = (q @ keys.transpose(1, 2)) * scaling
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # [Hq, n_new, S]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:  # one more column per head: the sink's logit, its value zero
+            sink = sinks.float().view(Hq, 1, 1).expand(Hq, row.n_new, 1)
+            probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)  # [Hq, n_new, S]
         out[i, : row.n_new] = (probs @ values).transpose(0, 1).to(query.dtype)
         if plan.stats is not None:  # each entry's share: its keys' probabilities, mean over heads and tokens
             mass = probs.mean((0, 1)).split([e.visible for e in row.entries])
