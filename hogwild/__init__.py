@@ -15,6 +15,7 @@ from .cache import Block, SharedCache  # noqa: E402 (after the interpreter switc
 from .engine.engine import Engine
 from .engine.events import (
     AnswerEvent,
+    CollabEvent,
     DoneEvent,
     Event,
     HistoryStep,
@@ -42,6 +43,7 @@ from .sampling import Sampler, SamplingParams
 
 __all__ = [
     "AnswerEvent",
+    "CollabEvent",
     "Block",
     "CacheFullError",
     "ContextOverflowError",
