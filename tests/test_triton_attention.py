@@ -100,16 +100,18 @@ def run(plan, query, groups, page_size, chunk, block_m=64, meta=None):
     groups=st.sampled_from([1, 3, 7]),
     head_dim=st.sampled_from([64, 128]),
     max_new=st.sampled_from([1, 1, 12]),
-    small=st.booleans(),
+    layout=st.sampled_from([(4, 16), (4, 40), (32, 256)]),
+    block_m=st.sampled_from([16, 64, 128]),
 )
-def test_triton_equals_reference_fp32(seed, workers, sessions, groups, head_dim, max_new, small, device):
-    """Small pages and chunks (4 and 16 keys) put every length across their boundaries."""
-    page_size, chunk = (4, 16) if small else (32, 256)
+def test_triton_equals_reference_fp32(seed, workers, sessions, groups, head_dim, max_new, layout, block_m, device):
+    """Small pages and chunks (4 keys, 16 or 40 keys) put every length across their boundaries;
+    block_m 16 splits a prefill into many token tiles and the readers of a block into many runs."""
+    page_size, chunk = layout
     kv_heads = 1 if groups == 7 else 2
     plan, query, key = random_pass(
         seed, workers, sessions, kv_heads, groups, head_dim, max_new, page_size, torch.float32, device
     )
-    out, _ = run(plan, query, groups, page_size, chunk)
+    out, _ = run(plan, query, groups, page_size, chunk, block_m)
     check(plan, query, key, out, 1e-5)
 
 

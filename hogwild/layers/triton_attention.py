@@ -15,18 +15,22 @@ against the chunk, loading each key once for all its readers (a shared prompt is
 all workers). A *pc* (pair-chunk) is the partial result (max, sum, unnormalised output) of one
 pair over one chunk; the pcs of a row are one contiguous range, merged by log-sum-exp.
 
-Launch 1, ``_partial_kernel``, grid (item capacity, kv_heads): tile rows are
-(pair, group member, token) of the item, BLOCK_M >= 16 of them (padding masked). Each row's query
-is rotated by its pair's cos/sin in fp32, split in halves so that the scores are
-``q1' k1^T + q2' k2^T``; the chunk is walked in BLOCK_N-key tiles gathered through the page
-table; online softmax in exp2 with the scale folded in; m, l, acc go to the pc workspace.
-Launch 2, ``_merge_kernel``, grid (rows, q_heads, cdiv(T, BLOCK_T)): merges a row's pcs
-(skipping those a token does not reach) and writes out[b, t, hq, :]; padding tokens and rows get
-zeros.
+Launch 1, ``_partial_kernel``, grid (item capacity, kv_heads), 4 warps: tile rows are
+(pair, group member, token) of the item, BLOCK_M = ``block_m`` >= 16 of them (padding masked).
+Each row's query is rotated by its pair's cos/sin in fp32, split in halves so that the scores are
+``q1' k1^T + q2' k2^T``; the chunk is walked in BLOCK_N = 64-key tiles (fewer for chunks under
+64) gathered through the page table; online softmax in exp2 with the scale folded in; m, l, acc go
+to the pc workspace. Launch 2, ``_merge_kernel``, grid (rows, q_heads, cdiv(T, BLOCK_T)): merges
+a row's pcs in (PC_BLOCK pcs x BLOCK_T tokens) = 16 tiles (16 x 1 for decode, 1 x 16 for
+prefill), skipping (pc, token) pairs whose token does not reach the chunk, and writes
+out[b, t, hq, :]; padding tokens and rows get zeros. Dots run in the K/V dtype with fp32
+accumulation (fp32 inputs: IEEE, not TF32); on CPU tensors (the interpreter) every tile is
+converted to fp32 first.
 
 Room for extensions (not built):
 - sliding windows: a per-(pair, token) lower key bound ``lo = qstart + t - window + 1`` masked
-  next to the upper one, and items whose k0 starts at the smallest lo of their queries;
+  next to the upper one, items that start at the smallest lo of their queries, and a last token
+  per pc next to ``pc_tlo`` (later tokens have left the chunk);
 - attention sinks: a per-head logit ``s`` enters the merge as one more pc with m = s * log2(e),
   l = 1 and no value (it only adds to the denominator);
 - attention statistics: the merge holds every pc's m and l, so the share of a row's attention
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from itertools import chain
 from operator import itemgetter
 
 import numpy as np
@@ -135,7 +140,7 @@ def build_meta(
             if reach > 0:
                 readers.setdefault(e.block, []).append((n_new, reach, r, e.visible, start + delta, delta))
 
-    pairs, items, pages = [], [], []  # pairs: (row, visible, qstart, n_new, chunks, delta)
+    pairs, items, pages = [], [], []  # pairs: the readers' tuples above, in the pass's pair order
     for block, infos in readers.items():
         infos.sort(key=itemgetter(0), reverse=True)  # rows with many new tokens first: alike ones share runs
         base = len(pages)
@@ -145,16 +150,21 @@ def build_meta(
             nt = min(infos[i][0], max_tokens)
             run = infos[i : i + block_m // (groups * nt)]
             p0, i = len(pairs), i + len(run)
-            pairs += [(r, vis, qs, n, -(-reach // chunk), d) for n, reach, r, vis, qs, d in run]
-            for t0 in range(0, run[0][0], nt):  # token tiles; a decode run has one
-                reach = max(min(vis, qs + min(t0 + nt, n)) for n, _, _, vis, qs, _ in run if n > t0)
+            pairs += run
+            if run[0][0] <= nt:  # one token tile (decode): it reaches as far as the run
+                tiles = [(0, max(x[1] for x in run))]
+            else:
+                tiles = [(t0, max(min(vis, qs + min(t0 + nt, n)) for n, _, _, vis, qs, _ in run if n > t0))
+                         for t0 in range(0, run[0][0], nt)]
+            for t0, reach in tiles:
                 items += [(p0, len(run), t0, nt, k0, min(k0 + chunk, reach), c, base)
                           for c, k0 in enumerate(range(0, reach, chunk))]
     items.sort(key=lambda it: it[4] - it[5])  # longest first: the tail of the grid is short work
 
     # pcs numbered row by row (a row's pcs are one range), pair by pair, chunk by chunk.
-    table = np.array(pairs, dtype=np.int64).reshape(-1, 6)  # row, visible, qstart, n_new, chunks, delta
-    row_of, qstart, n_chunks = table[:, 0], table[:, 2], table[:, 4]
+    table = np.fromiter(chain.from_iterable(pairs), np.int64, 6 * len(pairs)).reshape(-1, 6)
+    n_new, row_of, visible, qstart, delta = table[:, 0], table[:, 2], table[:, 3], table[:, 4], table[:, 5]
+    n_chunks = -(-table[:, 1] // chunk)
     order = np.argsort(row_of, kind="stable")
     ends = np.cumsum(n_chunks[order])
     pc0 = np.empty_like(n_chunks)
@@ -170,12 +180,12 @@ def build_meta(
         page_size=page_size,
         chunk=chunk,
         block_m=block_m,
-        items=np.array(items, dtype=np.int32).reshape(-1, len(ITEM_FIELDS)),
-        pairs=np.stack([row_of, table[:, 1], qstart, table[:, 3], pc0, n_chunks], 1).astype(np.int32),
+        items=np.fromiter(chain.from_iterable(items), np.int32, 8 * len(items)).reshape(-1, len(ITEM_FIELDS)),
+        pairs=np.stack([row_of, visible, qstart, n_new, pc0, n_chunks], 1).astype(np.int32),
         rows=np.stack([row_end - row_pcs, row_end, [row.n_new for row in rows]], 1).astype(np.int32),
         pc_tlo=pc_tlo.astype(np.int32),
         pages=np.array(pages, dtype=np.int32),
-        trig=rotation_table(table[:, 5], inv),
+        trig=rotation_table(delta, inv),
     )
 
 
@@ -371,58 +381,59 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, pc_pair_ptr, stats_ptr,
+    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, pc_pair_ptr, stats_ptr, T,
     stride_ob, stride_ot, stride_oh, ws_pc, ws_h, q_heads,
-    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PC_BLOCK: tl.constexpr, COLLAB: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PC_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
+    COLLAB: tl.constexpr,
 ):
-    """One row x query head x token: log-sum-exp merge of the row's pcs, PC_BLOCK at a time.
+    """One row x query head x BLOCK_T tokens: log-sum-exp merge of the row's pcs, PC_BLOCK at a time.
 
     COLLAB: also add each pc's share of the merged mass, ``l * 2**(m - M) / L``, divided by the
     heads and the row's tokens, to its pair's entry of ``stats`` (float32 [pairs]; ``pc_pair``:
-    int32 [pcs], each pc's pair)."""
+    int32 [pcs], each pc's pair): one atomic add per (pc, program)."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
-    t = tl.program_id(2)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D_P)
     dmask = offs_d < HEAD_DIM
     start = tl.load(rows_ptr + b * 3).to(tl.int64)  # int64: pc * ws_pc may pass 2**31
     end = tl.load(rows_ptr + b * 3 + 1).to(tl.int64)
-    if t >= tl.load(rows_ptr + b * 3 + 2):  # padding token (or row): its pcs are empty
-        end = start
-    m_run = float("-inf")
-    l_run = 0.0
-    acc = tl.zeros([D_P], tl.float32)
+    real = offs_t < tl.load(rows_ptr + b * 3 + 2)  # padding tokens (and rows) read nothing: zeros
+    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, D_P], tl.float32)
     for p0 in range(start, end, PC_BLOCK):
         pc = p0 + tl.arange(0, PC_BLOCK)
-        use = pc < end
-        use = use & (t >= tl.load(pc_tlo_ptr + pc, mask=use, other=0))  # tokens before tlo did not reach the chunk
-        ws = pc * ws_pc + hq * ws_h + t
+        tlo = tl.load(pc_tlo_ptr + pc, mask=pc < end, other=2**30)  # tokens before tlo did not reach the chunk
+        use = (offs_t[None, :] >= tlo[:, None]) & real[None, :]  # [PC_BLOCK, BLOCK_T]
+        ws = pc[:, None] * ws_pc + hq * ws_h + offs_t[None, :]
         m_pc = tl.load(m_ptr + ws, mask=use, other=float("-inf"))
         l_pc = tl.load(l_ptr + ws, mask=use, other=0.0)
-        acc_pc = tl.load(acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], mask=use[:, None] & dmask[None, :],
-                         other=0.0)
+        acc_pc = tl.load(acc_ptr + ws[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                         mask=use[:, :, None] & dmask[None, None, :], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m_pc, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_ref)
-        beta = tl.exp2(m_pc - m_ref)
+        beta = tl.exp2(m_pc - m_ref[None, :])
         l_run = l_run * alpha + tl.sum(l_pc * beta, 0)
-        acc = acc * alpha + tl.sum(acc_pc * beta[:, None], 0)
+        acc = acc * alpha[:, None] + tl.sum(acc_pc * beta[:, :, None], 0)
         m_run = m_new
-    out = acc / tl.where(l_run > 0, l_run, 1.0)  # nothing seen (padding): zeros
-    if COLLAB:  # a padding token has no pcs (end == start): it adds nothing
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]  # nothing seen: zeros
+    if COLLAB:
         m_ref = tl.where(m_run == float("-inf"), 0.0, m_run)
         scale = 1.0 / (tl.where(l_run > 0, l_run, 1.0) * q_heads * tl.load(rows_ptr + b * 3 + 2))
         for p0 in range(start, end, PC_BLOCK):
             pc = p0 + tl.arange(0, PC_BLOCK)
-            use = pc < end
-            use = use & (t >= tl.load(pc_tlo_ptr + pc, mask=use, other=0))
-            ws = pc * ws_pc + hq * ws_h + t
+            tlo = tl.load(pc_tlo_ptr + pc, mask=pc < end, other=2**30)
+            use = (offs_t[None, :] >= tlo[:, None]) & real[None, :]
+            ws = pc[:, None] * ws_pc + hq * ws_h + offs_t[None, :]
             m_pc = tl.load(m_ptr + ws, mask=use, other=float("-inf"))
             l_pc = tl.load(l_ptr + ws, mask=use, other=0.0)
-            pair = tl.load(pc_pair_ptr + pc, mask=use, other=0)
-            tl.atomic_add(stats_ptr + pair, l_pc * tl.exp2(m_pc - m_ref) * scale, mask=use)
-    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + hq * stride_oh + offs_d
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=dmask)
+            share = tl.sum(tl.where(use, l_pc * tl.exp2(m_pc - m_ref[None, :]) * scale[None, :], 0.0), 1)
+            pair = tl.load(pc_pair_ptr + pc, mask=pc < end, other=0)
+            tl.atomic_add(stats_ptr + pair, share, mask=pc < end)
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + offs_t[:, None] * stride_ot + hq * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_t[:, None] < T) & dmask[None, :])
 
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -459,7 +470,7 @@ def triton_attention(
         ws_pc, ws_h, scaling * _LOG2E,
         GROUPS=meta.groups, HEAD_DIM=D, HALF_P=triton.next_power_of_2(D // 2), D_P=D_P, PAGE=meta.page_size,
         BLOCK_M=meta.block_m, BLOCK_N=max(16, min(64, 1 << (meta.chunk.bit_length() - 1))),
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8, num_stages=2,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4, num_stages=2,  # fastest on an H200 (vs 8 warps, 3)
     )
     out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
     stats = meta.stats  # AttentionStats (collab_stats): this layer's row of its [layers, pairs] buffer
@@ -467,9 +478,10 @@ def triton_attention(
         pc_pair = layer_stats = meta.rows  # not read (COLLAB=False)
     else:
         pc_pair, layer_stats = stats.pc_pair, stats.stats[stats.layer_of[layer_keys.data_ptr()]]
-    _merge_kernel[(B, Hq, T)](
-        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, pc_pair, layer_stats,
+    block_t = min(16, triton.next_power_of_2(T))  # a merge tile holds 16 (pc, token) pairs
+    _merge_kernel[(B, Hq, triton.cdiv(T, block_t))](
+        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, pc_pair, layer_stats, T,
         out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h, Hq,
-        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16, COLLAB=stats is not None, num_warps=4,
+        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16 // block_t, BLOCK_T=block_t, COLLAB=stats is not None, num_warps=4,
     )
     return out
