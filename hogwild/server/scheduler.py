@@ -250,27 +250,8 @@ class Scheduler:
     # -- the scheduler thread --
     def _loop(self) -> None:
         try:
-            while True:
-                with self._cond:
-                    while not self._stop and self._abort is None and not self._live and not self._waiting:
-                        self._cond.wait()
-                    if self._stop:
-                        break
-                    aborted, new = self._take_aborted(), []
-                    while not aborted and self._waiting and len(self._live) < self.max_sessions:
-                        job = self._waiting.popleft()
-                        if job.cancelled.is_set():
-                            self._counts["cancelled"] += 1
-                            continue
-                        self._live.append(job)
-                        new.append(job)
-                for job, message in aborted:
-                    self._remove(job, "aborted", Failed(message, 503, "server_shutting_down"))
-                for job in new:
-                    self._start(job)
-                self._drop_cancelled()
-                self._step()
-                self._measure()
+            while self._iteration():
+                pass
         except Exception:  # a bug here must not leave clients waiting forever
             log.exception("the scheduler crashed")
             raise
@@ -283,6 +264,37 @@ class Scheduler:
                 job.session.close()
                 job.deliver(Failed("the server stopped", 503, "server_shutting_down"))
             self._measure()
+
+    def _iteration(self) -> bool:
+        """Wait for work, admit, start, drop the cancelled, run one pass; False once stopped. (A
+        method of its own, so that nothing of a finished job outlives it in a local variable.)"""
+        with self._cond:
+            while not self._stop and self._abort is None and not self._live and not self._waiting:
+                self._cond.wait()
+            if self._stop:
+                return False
+            aborted = self._take_aborted()
+            new = [] if aborted else self._admit()
+        for job, message in aborted:
+            self._remove(job, "aborted", Failed(message, 503, "server_shutting_down"))
+        for job in new:
+            self._start(job)
+        self._drop_cancelled()
+        self._step()
+        self._measure()
+        return True
+
+    def _admit(self) -> list[Job]:
+        """Move waiting jobs into the free slots (caller holds the lock)."""
+        new = []
+        while self._waiting and len(self._live) < self.max_sessions:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                self._counts["cancelled"] += 1
+                continue
+            self._live.append(job)
+            new.append(job)
+        return new
 
     def _take_aborted(self) -> list[tuple[Job, str]]:
         """Jobs to end because of ``abort`` (caller holds the lock)."""
