@@ -11,8 +11,9 @@ synchronised; it feeds back the greedy tokens.
 - ``materialize``: the same state on the torch runner, every pass ``reference=True`` (each view
   copied with its keys re-rotated, every layer);
 - ``transformers``: batched decoding of N rows that each hold the prompt (``DynamicCache``, sdpa);
-- ``transformers-compiled``: the same rows in a ``StaticCache``, the decode call compiled with
-  ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=True)`` (CUDA graphs on CUDA).
+- ``transformers-compiled``: the same rows in a ``StaticCache``, the decode call compiled once with
+  ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=True)`` (CUDA graphs on CUDA;
+  see ``CompiledCall``).
 
 The transformers methods prefill the prompt once, as one row, and copy its K/V into each cell's
 N rows: N identical rows would compute the same K/V N times.
@@ -166,7 +167,7 @@ class HogwildDecoder(Decoder):
         except BaseException:
             self.free()
             raise
-        self.first_logits = self.logits
+        self.first_logits = self.logits.float().clone()  # a graph replay may overwrite the output
         blocks = [self.prompt, *self.own]
         self.kv_bytes = cache.bytes_per_token * sum(b.length for b in blocks)
         self.kv_allocated_bytes = cache.bytes_per_token * sum(b.capacity for b in blocks)
@@ -177,7 +178,7 @@ class HogwildDecoder(Decoder):
         logits = self.runner.forward(steps, reference=self.reference)  # [N, vocab]
         synchronize(self.runner.model.device)
         elapsed = time.perf_counter() - start
-        self.logits = logits.float()
+        self.logits = logits
         self.tokens = logits.argmax(-1).tolist()
         return elapsed
 
@@ -304,7 +305,7 @@ class TransformersDecoder(Decoder):
             self.cache.update(keys, values, layer)
         self.tokens = [prompt.token] * workers
         self.step()
-        self.first_logits = self.logits
+        self.first_logits = self.logits.float().clone()  # a graph replay may overwrite the output
         self.kv_bytes = self.kv_allocated_bytes = cache_nbytes(self.cache)
 
     @torch.no_grad()  # as transformers' generate
@@ -341,7 +342,7 @@ class CompiledDecoder(Decoder):
             self.cache.update(keys, values, layer)
         self.tokens = [prompt.token] * workers
         self.step()
-        self.first_logits = self.logits
+        self.first_logits = self.logits.float().clone()  # a graph replay may overwrite the output
         self.kv_bytes = bytes_per_token(model) * workers * self.length  # the prompt and the first token
         self.kv_allocated_bytes = cache_nbytes(self.cache)
 
@@ -357,7 +358,7 @@ class CompiledDecoder(Decoder):
             synchronize(device)
             elapsed = time.perf_counter() - start
         self.length += 1
-        self.logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
+        self.logits = logits
         self.tokens = logits.argmax(-1).tolist()
         return elapsed
 

@@ -89,6 +89,9 @@ def plot(result: BenchResult, path: Path) -> None:
             ax.plot([c.context for c in cells], ys, linestyle=styles[j % len(styles)], marker=markers[j % len(markers)],
                     color=colors[k % len(colors)], label=f"{method}, N={n}")
     ax.set_xscale("log", base=2)
+    contexts = sorted({c.context for c in result.cells})
+    ax.set_xticks(contexts, [str(L) for L in contexts])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("shared context L (tokens)")
     ax.set_ylabel("decode step (ms, median)")
