@@ -40,6 +40,7 @@ def test_page_streams_workers_and_answer(url, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url + "/")
+            expect(page.locator("#key-label")).to_be_hidden()  # this server wants no API key
             expect(page.locator("#model")).to_have_text("SmolLM2-135M-Instruct")
             page.fill("#problem", "What is 12 * 7?")
             page.fill("#workers", "2")
@@ -62,3 +63,32 @@ def test_page_streams_workers_and_answer(url, tmp_path):
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def test_page_asks_for_the_api_key_when_the_server_wants_one(model):
+    from playwright.sync_api import expect, sync_playwright
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    app = create_app(Engine(model), max_sessions=1, queue_size=1, api_key="page-key")
+    try:
+        with serve_in_thread(app) as base, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(base + "/")
+                expect(page.locator("#key-label")).to_be_visible()
+                page.fill("#problem", "What is 2 + 2?")
+                page.fill("#budget", "3")
+                page.click("#solve")
+                expect(page.locator("#error")).to_contain_text("API key")
+                page.fill("#api-key", "page-key")
+                page.locator("#api-key").dispatch_event("change")
+                expect(page.locator("#model")).to_have_text("SmolLM2-135M-Instruct")
+                page.click("#solve")
+                expect(page.locator("#answer-box")).to_be_visible(timeout=120_000)
+                assert page.locator("#error").inner_text() == ""
+            finally:
+                browser.close()
+    finally:
+        torch.set_num_threads(before)
