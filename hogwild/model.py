@@ -442,6 +442,8 @@ def random_model(preset: str, device: str | torch.device = "cpu", dtype: torch.d
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION_NAME)
     model.eval()
     attention = model.get_decoder().layers[0].self_attn
+    inv_freq = rope_tables(model, config.num_hidden_layers)
+    check_layers(model)
     return LoadedModel(
         model=model,
         tokenizer=random_tokenizer(config.vocab_size),
@@ -449,7 +451,8 @@ def random_model(preset: str, device: str | torch.device = "cpu", dtype: torch.d
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads,
         head_dim=attention.head_dim,
-        inv_freq=model.get_decoder().rotary_emb.inv_freq.detach().float().cpu().clone(),
+        inv_freq=inv_freq,
         max_positions=config.max_position_embeddings,
         scaling=attention.scaling,
+        features=attention_features(config, inv_freq, attention.head_dim),
     )
