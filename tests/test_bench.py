@@ -42,6 +42,8 @@ def test_bench_cpu_methods_json_and_files(tmp_path, capsys):
     assert set(result["warmup_s"]) == set(result["methods"])
     assert result["skipped"] == [] and result["compile"] is None and result["profile"] is None
     assert result["complete"] is True and result["wall_s"] > 0
+    # one pool for hogwild-torch and materialize: the longest prompt and both methods' worker blocks
+    assert result["kv_pool_bytes"]["torch"] >= tiny_bytes_per_token() * (40 + 2 * 2 * 64)
     assert [(c["workers"], c["context"]) for c in result["cells"]] == [(1, 16), (2, 16), (1, 40), (2, 40)]
     bpt = tiny_bytes_per_token()
     for cell in result["cells"]:

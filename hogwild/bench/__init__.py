@@ -100,8 +100,12 @@ def run_bench_command(args) -> int:
         kv_memory=None if args.kv_memory is None else int(args.kv_memory * (1 << 30)),
         compile_backend=args.compile_backend,
     )
+    if args.random_config:  # refuse bad sizes before building a large model
+        from ..model import RANDOM_CONFIGS
+
+        config.validate(RANDOM_CONFIGS[args.random_config]["max_position_embeddings"])
     model = load_from_args(args)
-    config.validate(model.max_positions)  # before any work
+    config.validate(model.max_positions)
 
     def on_cell(partial: BenchResult) -> None:  # a run cut short still leaves its cells
         write_json(partial, args.out)

@@ -147,6 +147,7 @@ class BenchResult:
     methods: list[str]
     cells: list[Cell]
     warmup_s: dict[str, float] = field(default_factory=dict)  # per method, compilation included
+    kv_pool_bytes: dict[str, int] = field(default_factory=dict)  # per hogwild runner (attention backend)
     compile: dict | None = None
     profile: dict | None = None
     wall_s: float = 0.0
@@ -386,6 +387,10 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
     generator = torch.Generator().manual_seed(config.seed)
     vocab = model.model.get_output_embeddings().weight.shape[0]
     methods, broken = build_methods(model, config)
+    result.kv_pool_bytes = {
+        m.prompt.runner.attention: m.prompt.runner.cache.pool_nbytes() for m in methods.values()
+        if isinstance(m, HogwildMethod)
+    }
     warmup_ids = torch.randint(0, vocab, (WARMUP_PROMPT,), generator=generator).tolist()
     result.warmup_s = warm_up(methods, broken, warmup_ids, config, device)
     update()
