@@ -19,21 +19,21 @@ from hogwild import LoadedModel, Runner, SamplingParams, WorkerStep, generate, l
 PROMPT = "Here is a short story about a robot who learns to paint."
 
 
-def greedy_reference(model, token_ids: list[int], n: int) -> list[int]:
+def greedy_reference(model, token_ids: list[int], n: int, implementation: str = "sdpa") -> list[int]:
     """Ordinary greedy decoding with transformers (sdpa, DynamicCache), not stopping at end-of-turn."""
     config = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    with ordinary_attention(model.model):
+    with ordinary_attention(model.model, implementation):
         out = model.model.generate(torch.tensor([token_ids], device=model.device), generation_config=config)
     assert out.shape[1] == len(token_ids) + n, "the reference stopped at end-of-turn: pick another prompt"
     return out[0, len(token_ids):].tolist()
 
 
 @torch.inference_mode()
-def greedy_loop(model, token_ids: list[int], n: int) -> list[int]:
+def greedy_loop(model, token_ids: list[int], n: int, implementation: str = "sdpa") -> list[int]:
     """Ordinary greedy decoding step by step (DynamicCache, sdpa), going on past end-of-turn."""
     cache = DynamicCache(config=model.model.config)
     out, inputs = [], torch.tensor([token_ids], device=model.device)
-    with ordinary_attention(model.model):
+    with ordinary_attention(model.model, implementation):
         for _ in range(n):
             logits = model.model(inputs, use_cache=True, **{model.cache_argument: cache}).logits
             token = int(logits[0, -1].argmax())
