@@ -175,9 +175,10 @@ class ProblemLimits:
 
     def check_chars(self, problem: str) -> None:
         """The cheap check, before anything else: the length in characters."""
-        if len(problem) > self.max_chars:
+        length = len(problem.strip())
+        if length > self.max_chars:
             raise ContextOverflowError(
-                f"the problem is {len(problem)} characters long: the model's context of {self.max_positions} "
+                f"the problem is {length} characters long: the model's context of {self.max_positions} "
                 f"tokens (at most {self.max_token_bytes} characters each) cannot hold it"
             )
 

@@ -150,7 +150,8 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._live: list[Job] = []
         self._reserved = 0  # accepted requests whose session is being built
-        self._draining = False
+        self._draining = False  # no new requests
+        self._ending = False  # ``abort`` was called: nothing more runs
         self._abort: str | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -177,13 +178,14 @@ class Scheduler:
                 with self._cond:
                     self._reserved -= 1
 
-    def _check_open(self) -> None:
-        if self._stop or self._draining:
+    def _check_open(self, accepted: bool = False) -> None:
+        """Refuse new requests while draining; an accepted one may still queue, until ``abort``."""
+        if self._stop or self._ending or (self._draining and not accepted):
             raise ServerBusy("the server is shutting down", "server_shutting_down")
 
     def _submit(self, place: Reservation, job: Job) -> None:
         with self._cond:
-            self._check_open()
+            self._check_open(accepted=True)
             place.used = True
             self._reserved -= 1
             self._waiting.append(job)
@@ -231,7 +233,7 @@ class Scheduler:
     def abort(self, message: str) -> None:
         """End every running and queued request now with a 503 error (their sessions are freed)."""
         with self._cond:
-            self._draining = True
+            self._draining = self._ending = True
             if self._live or self._waiting:
                 self._abort = message
                 self._cond.notify()
