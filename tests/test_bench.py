@@ -168,8 +168,9 @@ def test_bench_out_of_memory_and_errors_are_recorded(tmp_path, capsys, monkeypat
     assert json.loads((out / "bench.json").read_text())["skipped"] == [entry]
 
 
-def test_bench_cut_short_leaves_the_cells_done(tmp_path, monkeypatch):
-    """bench.json is rewritten after every cell: a run killed half way still has its first cells."""
+def test_bench_cut_short_reports_the_cells_done(tmp_path, capsys, monkeypatch):
+    """bench.json is rewritten after every cell; Ctrl-C (or SIGTERM) ends the run with the files
+    and the table of the cells done, exit code 130."""
     real_cell = measure.measure_cell
     done = []
 
@@ -181,13 +182,15 @@ def test_bench_cut_short_leaves_the_cells_done(tmp_path, monkeypatch):
 
     monkeypatch.setattr(measure, "measure_cell", interrupted_cell)
     out = tmp_path / "bench"
-    with pytest.raises(KeyboardInterrupt):
-        main(["bench", *TINY, "--methods", "hogwild-torch", "--workers", "1,2", "--context", "8", "--steps", "1",
-              "--warmup", "0", "--out", str(out)])
+    assert main(["bench", *TINY, "--methods", "hogwild-torch", "--workers", "1,2", "--context", "8", "--steps", "1",
+                 "--warmup", "0", "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert "| 1 | 8 | hogwild-torch |" in captured.out and "| 2 | 8 |" not in captured.out
+    assert "interrupted: 1 cells measured" in captured.err
     partial = json.loads((out / "bench.json").read_text())
-    assert partial["complete"] is False
+    assert partial["complete"] is False and partial["interrupted"] is True
     assert [(c["workers"], c["results"]["hogwild-torch"]["status"]) for c in partial["cells"]] == [(1, "ok")]
-    assert not (out / "bench.png").exists()
+    assert (out / "bench.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_bench_profile_writes_traces_and_table(tmp_path, capsys):

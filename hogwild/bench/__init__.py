@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def register(sub) -> None:
 
 
 def run_bench_command(args) -> int:
-    """Returns 1 when a method failed with an unexpected error (the files are written anyway)."""
+    """Returns 1 when a method failed with an unexpected error, 130 when interrupted (Ctrl-C, SIGTERM);
+    the files are written anyway."""
     import torch
 
     from ..cli_args import load_from_args
@@ -111,7 +113,11 @@ def run_bench_command(args) -> int:
         write_json(partial, args.out)
         print(progress_line(partial), file=sys.stderr, flush=True)
 
-    result = run_bench(model, config, args.out, on_cell)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # e.g. `timeout`: report what is done
+    try:
+        result = run_bench(model, config, args.out, on_cell)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     write_outputs(result, args.out)
     if args.json:
         print(json.dumps(result_json(result)))
@@ -122,4 +128,7 @@ def run_bench_command(args) -> int:
     errors = [s for s in result.skipped() if s["status"] == "error"]
     for s in errors:
         log.error("%s", not_run_line(s, len(result.cells)))
+    if result.interrupted:
+        print(f"interrupted: {len(result.cells)} cells measured", file=sys.stderr)
+        return 130
     return 1 if errors else 0

@@ -152,6 +152,7 @@ class BenchResult:
     profile: dict | None = None
     wall_s: float = 0.0
     complete: bool = False  # False in the files written while the run goes on
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: the cells done so far
 
     def skipped(self) -> list[dict]:
         """What did not run: one entry per method, status and reason, with its cells [[N, L], ...]."""
@@ -375,55 +376,68 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
         config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
     )
 
-    def update(complete: bool = False) -> None:
+    def update(complete: bool = False, notify: bool = True) -> None:
         result.complete = complete
         result.wall_s = round(time.perf_counter() - started, 1)
         result.machine["load_average_end"] = load_average()
         if "transformers-compiled" in config.methods:
             result.compile = compile_stats(config, methods)
-        if on_cell is not None and not complete:
+        if on_cell is not None and notify:
             on_cell(result)
 
-    generator = torch.Generator().manual_seed(config.seed)
-    vocab = model.model.get_output_embeddings().weight.shape[0]
-    methods, broken = build_methods(model, config)
-    result.kv_pool_bytes = {
-        m.prompt.runner.attention: m.prompt.runner.cache.pool_nbytes() for m in methods.values()
-        if isinstance(m, HogwildMethod)
-    }
-    warmup_ids = torch.randint(0, vocab, (WARMUP_PROMPT,), generator=generator).tolist()
-    result.warmup_s = warm_up(methods, broken, warmup_ids, config, device)
-    update()
-    largest = (max(config.workers), max(config.contexts))
-    for context in config.contexts:
-        prompt_ids = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        prepared: dict = dict(broken)
-        for name, method in methods.items():
+    methods: dict = {}
+    try:
+        generator = torch.Generator().manual_seed(config.seed)
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        methods, broken = build_methods(model, config)
+        result.kv_pool_bytes = {
+            m.prompt.runner.attention: m.prompt.runner.cache.pool_nbytes() for m in methods.values()
+            if isinstance(m, HogwildMethod)
+        }
+        warmup_ids = torch.randint(0, vocab, (WARMUP_PROMPT,), generator=generator).tolist()
+        result.warmup_s = warm_up(methods, broken, warmup_ids, config, device)
+        update()
+        for context in config.contexts:
+            prompt_ids = torch.randint(0, vocab, (context,), generator=generator).tolist()
+            measure_context(model, methods, broken, prompt_ids, config, result, out, update)
+        if result.profile is not None:
             try:
-                prepared[name] = method.prepare(prompt_ids)
+                result.profile["history_move"] = history_move_ms(model, max(config.contexts))
             except Exception as exc:
-                prepared[name] = failure(exc, "prefill")
-                method.release()
-                free_memory(device)
-        for workers in config.workers:
-            profiler = None
-            if config.profile and (workers, context) == largest and result.profile is None:
-                def profiler(decoders, workers=workers, context=context):
-                    result.profile = profile_decoders(decoders, workers, context, device, out or Path("."))
-
-            result.cells.append(measure_cell(model, methods, prepared, workers, context, config, profiler))
-            update()
-        for method in methods.values():
-            method.release()
-        free_memory(device)
-    if result.profile is not None:
-        try:
-            result.profile["history_move"] = history_move_ms(model, max(config.contexts))
-        except Exception as exc:
-            result.profile["history_move"] = {"error": failure(exc).reason}
-        free_memory(device)
-    update(complete=True)
+                result.profile["history_move"] = {"error": failure(exc).reason}
+            free_memory(device)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under ``hogwild bench``: report the cells done
+        log.warning("interrupted after %d cells; reporting those", len(result.cells))
+        result.interrupted = True
+        update(notify=False)
+        return result
+    update(complete=True, notify=False)
     return result
+
+
+def measure_context(model: LoadedModel, methods: dict, broken: dict, prompt_ids: list[int], config: BenchConfig,
+                    result: BenchResult, out: Path | None, update) -> None:
+    """Prefill one context for every method, then measure a cell per worker count (``result.cells``)."""
+    device, context = model.device, len(prompt_ids)
+    prepared: dict = dict(broken)
+    for name, method in methods.items():
+        try:
+            prepared[name] = method.prepare(prompt_ids)
+        except Exception as exc:
+            prepared[name] = failure(exc, "prefill")
+            method.release()
+            free_memory(device)
+    for workers in config.workers:
+        profiler = None
+        if config.profile and (workers, context) == (max(config.workers), max(config.contexts)) and not result.profile:
+            def profiler(decoders, workers=workers):
+                result.profile = profile_decoders(decoders, workers, context, device, out or Path("."))
+
+        result.cells.append(measure_cell(model, methods, prepared, workers, context, config, profiler))
+        update()
+    for method in methods.values():
+        method.release()
+    free_memory(device)
 
 
 def compile_stats(config: BenchConfig, methods: dict) -> dict:

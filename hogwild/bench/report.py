@@ -90,14 +90,18 @@ def plot(result: BenchResult, path: Path) -> None:
                     color=colors[k % len(colors)], label=f"{method}, N={n}")
     ax.set_xscale("log", base=2)
     contexts = sorted({c.context for c in result.cells})
-    ax.set_xticks(contexts, [str(L) for L in contexts])
-    ax.minorticks_off()
+    if contexts:
+        ax.set_xticks(contexts, [str(L) for L in contexts])
+        ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("shared context L (tokens)")
     ax.set_ylabel("decode step (ms, median)")
     ax.set_title(f"{title(result)}: decode step time", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=len(workers))
+    if ax.get_lines():
+        ax.legend(fontsize=6, ncol=max(1, len(workers)))
+    else:
+        ax.text(0.5, 0.5, "no cell measured", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
