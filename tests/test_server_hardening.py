@@ -173,9 +173,9 @@ def test_health_counts_a_request_from_acceptance(server, monkeypatch):
     post = lambda: httpx.post(server.url + "/v1/chat/completions", json=SHORT, timeout=120)  # noqa: E731
     with ThreadPoolExecutor(3) as pool:
         try:
-            sent = time.monotonic()
-            first = pool.submit(post)
-            wait_for(lambda: health(server.http)["live_sessions"] == 1, 0.5, "the first request to be live")
+            first = pool.submit(post)  # counted at once, and live from admission (its pass is held)
+            wait_for(lambda: (h := health(server.http))["live_sessions"] + h["queued"] == 1, 0.5, "the request")
+            wait_for(lambda: health(server.http)["live_sessions"] == 1, 5, "the first request to be live")
             sent = time.monotonic()
             others = [pool.submit(post), pool.submit(post)]
             stats = wait_for(lambda: (h := health(server.http))["queued"] == 2 and h, 0.5, "two queued requests")
