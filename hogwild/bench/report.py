@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 from .measure import BenchResult
 from .profile import profile_text
+
+log = logging.getLogger(__name__)
 
 
 def result_json(result: BenchResult) -> dict:
@@ -127,6 +130,9 @@ def write_json(result: BenchResult, out: Path) -> None:
 def write_outputs(result: BenchResult, out: Path) -> None:
     """bench.json, bench.png and, with a profile, profile.txt in ``out``."""
     write_json(result, out)
-    plot(result, out / "bench.png")
+    try:
+        plot(result, out / "bench.png")
+    except Exception as exc:  # e.g. no matplotlib on a bare GPU machine: the numbers matter more
+        log.warning("no bench.png: %s: %s", type(exc).__name__, exc)
     if result.profile is not None:
         (out / "profile.txt").write_text(profile_text(result.profile) + "\n")
