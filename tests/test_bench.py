@@ -97,6 +97,51 @@ def test_bench_triton_and_compiled_methods(tmp_path, capsys):
                                  "cudagraph_skips": 0}
 
 
+def test_bench_collab_stats_side_by_side(tmp_path, capsys):
+    """--collab-stats adds hogwild-torch+stats right after hogwild-torch (the same runner and pool,
+    statistics on every pass) and its ratio to hogwild-torch in the same cell; the first pass's logits
+    equal transformers' either way."""
+    out = tmp_path / "bench"
+    argv = ["bench", *TINY, "--methods", "hogwild-torch,transformers", "--collab-stats", "--workers", "1,3",
+            "--context", "16", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| vs transformers | vs no stats | K/V MiB |" in table and "| 3 | 16 | hogwild-torch+stats |" in table
+    result = json.loads((out / "bench.json").read_text())
+    assert result["methods"] == ["hogwild-torch", "hogwild-torch+stats", "transformers"]
+    assert set(result["kv_pool_bytes"]) == {"torch"}  # one runner for both
+    for cell in result["cells"]:
+        res = cell["results"]
+        plain, stats = res["hogwild-torch"], res["hogwild-torch+stats"]
+        assert plain["status"] == stats["status"] == "ok" and len(stats["samples_ms"]) == 2
+        assert stats["vs_no_stats"] == pytest.approx(stats["median_ms"] / plain["median_ms"], rel=1e-3)
+        assert "vs_no_stats" not in plain and "vs_no_stats" not in res["transformers"]
+        assert stats["max_abs_logit_diff"] < 1e-4 and plain["max_abs_logit_diff"] < 1e-4
+        assert stats["kv_bytes"] == plain["kv_bytes"] == cell["one_copy_kv_bytes"]
+
+
+def test_stats_decoder_reads_shares_that_sum_to_one():
+    """A +stats decoder's passes leave per-row shares over [prompt, own] that sum to 1 in every layer;
+    the plain decoder's leave none."""
+    model = random_model("tiny-qwen2")
+    config = measure.BenchConfig(workers=(2,), contexts=(12,), methods=("hogwild-torch", "hogwild-torch+stats"),
+                                 steps=1, warmup=0)
+    built, broken = measure.build_methods(model, config)
+    assert broken == {} and built["hogwild-torch+stats"].prompt is built["hogwild-torch"].prompt
+    built["hogwild-torch"].prepare(list(range(3, 15)))
+    plain = built["hogwild-torch"].start(2, config.extra_tokens)
+    assert plain.step() > 0 and plain.shares is None and plain.runner.shares is None
+    stats = built["hogwild-torch+stats"].start(2, config.extra_tokens)
+    stats.step()
+    assert len(stats.shares) == 2
+    for row in stats.shares:
+        assert row.shape == (model.num_layers, 2)  # [layers, view entries]: the prompt and the own block
+        torch.testing.assert_close(row.sum(-1), torch.ones(model.num_layers), rtol=0, atol=1e-4)
+        assert float(row[:, 0].min()) > 0  # the 12-token prompt gets some of every layer's attention
+    assert methods.with_stats_variants(("materialize", "hogwild-triton", "transformers")) == (
+        "materialize", "hogwild-triton", "hogwild-triton+stats", "transformers")
+
+
 def test_compiled_falls_back_to_plain_dynamic_shapes(monkeypatch):
     """Where size-oblivious tracing fails, the compiled call recompiles with plain dynamic shapes."""
     from transformers import StaticCache

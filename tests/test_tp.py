@@ -107,6 +107,36 @@ def test_solve_transcript_equals_one_process(tiny_models, case):
     assert many == one
 
 
+def test_bench_under_torchrun(tiny_models, tmp_path, capsys):
+    """``hogwild bench --tp 2``: rank 0 measures hogwild-torch (and its +stats variant, on the same
+    runner) and writes alone; transformers is skipped with the reason; rank 0's K/V is half of one
+    process's (1 of 2 K/V heads). Bounded: the whole run must take under 60 s."""
+    out = tmp_path / "tp"
+    args = ["bench", "--model", tiny_models["llama"], "--methods", "hogwild-torch,transformers", "--collab-stats",
+            "--workers", "1,2", "--context", "16", "--steps", "2", "--warmup", "1", "--json", "--out", str(out)]
+    start = time.monotonic()
+    many = subprocess.run(torchrun_cmd(2, args), capture_output=True, text=True, timeout=60, env=env(),
+                          cwd=tmp_path)
+    assert many.returncode == 0, many.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    result = json.loads(many.stdout)  # one JSON object: only rank 0 writes
+    assert json.loads((out / "bench.json").read_text()) == result
+    assert result["tp"] == 2 and result["methods"] == ["hogwild-torch", "hogwild-torch+stats", "transformers"]
+    (skipped,) = result["skipped"]
+    assert skipped["method"] == "transformers" and skipped["status"] == "skipped"
+    assert "not under --tp" in skipped["reason"] and skipped["cells"] == [[1, 16], [2, 16]]
+
+    assert main([a for a in args if a != "--collab-stats"][:-1] + [str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["tp"] == 1 and one["skipped"] == []
+    for cell, one_cell in zip(result["cells"], one["cells"], strict=True):
+        res = cell["results"]
+        assert res["hogwild-torch"]["status"] == res["hogwild-torch+stats"]["status"] == "ok"
+        assert res["hogwild-torch+stats"]["vs_no_stats"] > 0 and len(res["hogwild-torch"]["samples_ms"]) == 2
+        assert 2 * res["hogwild-torch"]["kv_bytes"] == one_cell["results"]["hogwild-torch"]["kv_bytes"]
+        assert res["transformers"]["status"] == "skipped"
+
+
 MOVES = textwrap.dedent("""
     import json, sys, torch
     from hogwild.model import load_model

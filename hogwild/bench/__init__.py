@@ -7,8 +7,11 @@ one decode pass of all N workers, forward pass plus next-token logits, device sy
 greedy tokens are fed back. Reported per method and cell: median ms per step [quartiles] of
 ``--steps`` steps after ``--warmup`` untimed ones, worker tokens/s (N / step), K/V bytes after
 the first decoded token, prefill seconds, and ratios against transformers (and
-transformers-compiled). Output: a Markdown table (or ``--json``), ``bench.json``, ``bench.png``;
-``--profile`` adds ``profile.txt`` and a Chrome trace per method (``profile.py``).
+transformers-compiled). ``--collab-stats`` adds each hogwild method with collaboration statistics
+on (``hogwild-torch+stats``...) and its ratio to the same method without them. Output: a Markdown
+table (or ``--json``), ``bench.json``, ``bench.png``; ``--profile`` adds ``profile.txt`` and a
+Chrome trace per method (``profile.py``). ``--tp K`` under torchrun: rank 0 measures and writes,
+the other ranks mirror its hogwild passes (``measure.tp_refusal``).
 
 Layout: ``methods.py`` (what runs), ``measure.py`` (the grid, skips, machine facts),
 ``profile.py`` (torch.profiler), ``report.py`` (table, plot, files).
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 
 from .measure import BenchConfig, BenchResult, default_methods, run_bench
-from .methods import METHODS
+from .methods import METHODS, with_stats_variants
 
 __all__ = ["BenchConfig", "BenchResult", "METHODS", "register", "run_bench"]
 
@@ -58,6 +61,16 @@ def register(sub) -> None:
         "--methods", type=method_list, default=None,
         help=f"comma-separated, from {', '.join(METHODS)} (default: hogwild-torch,transformers,materialize on "
         "the CPU; hogwild-triton,hogwild-torch,transformers,transformers-compiled on CUDA)",
+    )
+    p.add_argument(
+        "--collab-stats", action="store_true",
+        help="also run each hogwild method with collaboration statistics (hogwild-torch+stats, "
+        "hogwild-triton+stats: the same runner, attention shares every pass), and its ratio to the method",
+    )
+    p.add_argument(
+        "--tp", type=int, default=None, metavar="K",
+        help="tensor parallel over K ranks (torchrun --nproc-per-node K -m hogwild.cli bench ... --tp K): rank 0 "
+        "measures and writes; one hogwild backend per run, no transformers methods",
     )
     p.add_argument("--workers", type=int_list, default=(1, 2, 4), help="worker counts N (default 1,2,4)")
     p.add_argument("--context", type=int_list, default=(512, 2048), help="shared prompt lengths L (default 512,2048)")
@@ -96,8 +109,11 @@ def run_bench_command(args) -> int:
         torch.set_num_threads(args.threads)
     if args.kv_memory is not None and not args.kv_memory > 0:
         raise InputError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
+    methods = args.methods or default_methods(args.device)
+    if args.collab_stats:
+        methods = with_stats_variants(methods)
     config = BenchConfig(
-        workers=args.workers, contexts=args.context, methods=args.methods or default_methods(args.device),
+        workers=args.workers, contexts=args.context, methods=methods,
         steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile,
         kv_memory=None if args.kv_memory is None else int(args.kv_memory * (1 << 30)),
         compile_backend=args.compile_backend,

@@ -28,6 +28,7 @@ from ..model import LoadedModel
 from .methods import (
     HOGWILD_BACKENDS,
     METHODS,
+    STATS_SUFFIX,
     CompiledCall,
     Decoder,
     HogwildMethod,
@@ -99,7 +100,8 @@ class MethodResult:
     tokens_per_s: N / median step; bytes of K/V after the first decoded token; prefill_s: the
     prompt once (one row for the transformers methods); setup_s: starting the cell (copying the
     prompt's K/V, the first pass, any compilation); max_abs_logit_diff: first pass against
-    transformers'; vs_*: median over that method's median."""
+    transformers'; vs_*: median over that method's median (vs_no_stats: a ``+stats`` method over the
+    same method without statistics, in the same cell)."""
 
     status: str  # "ok", "skipped" (cannot run: memory, context, K/V pool) or "error"
     reason: str | None = None
@@ -113,6 +115,7 @@ class MethodResult:
     max_abs_logit_diff: float | None = None
     vs_transformers: float | None = None
     vs_transformers_compiled: float | None = None
+    vs_no_stats: float | None = None
     samples_ms: list[float] = field(default_factory=list)
 
     @property
@@ -148,6 +151,7 @@ class BenchResult:
     cells: list[Cell]
     warmup_s: dict[str, float] = field(default_factory=dict)  # per method, compilation included
     kv_pool_bytes: dict[str, int] = field(default_factory=dict)  # per hogwild runner (attention backend)
+    tp: int = 1  # tensor-parallel ranks (--tp); K/V bytes are then rank 0's: its share of the K/V heads
     compile: dict | None = None
     profile: dict | None = None
     wall_s: float = 0.0
@@ -238,6 +242,10 @@ def build_methods(model: LoadedModel, config: BenchConfig) -> tuple[dict, dict[s
     prompts: dict[str, HogwildPrompt | Exception] = {}
     transformers_prompt = None
     for name in config.methods:
+        reason = tp_refusal(model, name, config.methods)
+        if reason:
+            broken[name] = MethodResult("skipped", reason)
+            continue
         try:
             if name in HOGWILD_BACKENDS:
                 backend = HOGWILD_BACKENDS[name]
@@ -253,7 +261,8 @@ def build_methods(model: LoadedModel, config: BenchConfig) -> tuple[dict, dict[s
                 prompt = prompts[backend]
                 if isinstance(prompt, Exception):
                     raise prompt
-                methods[name] = HogwildMethod(name, prompt, reference=name == "materialize")
+                methods[name] = HogwildMethod(name, prompt, reference=name == "materialize",
+                                              collab_stats=name.endswith(STATS_SUFFIX))
             else:
                 transformers_prompt = transformers_prompt or TransformersPrompt(model, config.prefill_chunk)
                 compiled = CompiledCall(model, config.compile_backend) if name == "transformers-compiled" else None
@@ -261,6 +270,23 @@ def build_methods(model: LoadedModel, config: BenchConfig) -> tuple[dict, dict[s
         except Exception as exc:
             broken[name] = failure(exc, "set-up")
     return methods, broken
+
+
+def tp_refusal(model: LoadedModel, name: str, names: tuple[str, ...]) -> str | None:
+    """Why ``name`` cannot run under ``--tp`` (None: it can, or no tensor parallelism). The follower
+    ranks mirror rank 0's hogwild passes on the newest runner's pool only: one hogwild backend per
+    run (the first named), and no transformers method (its own forward's all-reduces would wait for
+    ranks that never run it)."""
+    if model.tp is None:
+        return None
+    if name not in HOGWILD_BACKENDS:
+        return ("not under --tp: the other ranks mirror only hogwild passes, not transformers' own forward "
+                "(its all-reduces would wait for them); compare with a run of one process")
+    first = next(HOGWILD_BACKENDS[m] for m in names if m in HOGWILD_BACKENDS)
+    if HOGWILD_BACKENDS[name] != first:
+        return (f"not under --tp with the {first} backend in the same run: the other ranks mirror one runner "
+                f"at a time; run it in a bench of its own")
+    return None
 
 
 def warm_up(methods: dict, broken: dict[str, MethodResult], prompt_ids: list[int], config: BenchConfig,
@@ -359,6 +385,10 @@ def measure_cell(model: LoadedModel, methods: dict, prepared: dict, workers: int
             for name, r in results.items():
                 if r.ok and name != base:
                     setattr(r, key, round(r.median_ms / results[base].median_ms, 4))
+    for name, r in results.items():  # the cost of collaboration statistics: the same runner without them
+        base = results.get(name.removesuffix(STATS_SUFFIX))
+        if name.endswith(STATS_SUFFIX) and r.ok and base is not None and base.ok:
+            r.vs_no_stats = round(r.median_ms / base.median_ms, 4)
     ordered = {m: results[m] for m in config.methods if m in results}
     return Cell(workers, context, bytes_per_token(model) * (context + workers), ordered)
 
@@ -374,6 +404,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
         model=model.name, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
         machine=machine_info(device), methods=list(config.methods), cells=[],
         config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        tp=1 if model.tp is None else model.tp.size,
     )
 
     def update(complete: bool = False, notify: bool = True) -> None:
@@ -388,7 +419,8 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
     methods: dict = {}
     try:
         generator = torch.Generator().manual_seed(config.seed)
-        vocab = model.model.get_output_embeddings().weight.shape[0]
+        vocab = (model.model.get_output_embeddings().weight.shape[0] if model.tp is None  # may be a shard
+                 else model.model.config.vocab_size)
         methods, broken = build_methods(model, config)
         result.kv_pool_bytes = {
             m.prompt.runner.attention: m.prompt.runner.cache.pool_nbytes() for m in methods.values()
@@ -400,7 +432,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
         for context in config.contexts:
             prompt_ids = torch.randint(0, vocab, (context,), generator=generator).tolist()
             measure_context(model, methods, broken, prompt_ids, config, result, out, update)
-        if result.profile is not None:
+        if result.profile is not None and model.tp is not None:  # a pool of its own is not mirrored
+            result.profile["history_move"] = {"error": "not under --tp (a pool outside the runner's)"}
+        elif result.profile is not None:
             try:
                 result.profile["history_move"] = history_move_ms(model, max(config.contexts))
             except Exception as exc:

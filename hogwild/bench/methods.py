@@ -10,6 +10,9 @@ synchronised; it feeds back the greedy tokens.
   sees ``[prompt, own]``;
 - ``materialize``: the same state on the torch runner, every pass ``reference=True`` (each view
   copied with its keys re-rotated, every layer);
+- ``hogwild-triton+stats`` / ``hogwild-torch+stats`` (``--collab-stats``): the same runner as the
+  method without the suffix, every pass ``collab_stats=True`` (attention shares per row and view
+  entry, copied to the host after the pass; on CUDA such passes run eagerly, not as graphs);
 - ``transformers``: batched decoding of N rows that each hold the prompt (``DynamicCache``, sdpa);
 - ``transformers-compiled``: the same rows in a ``StaticCache``, the decode call compiled once with
   ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=True)`` (CUDA graphs on CUDA;
@@ -35,9 +38,23 @@ from ..model import LoadedModel, ordinary_attention
 log = logging.getLogger(__name__)
 
 #: Every method, in table order.
-METHODS = ("hogwild-triton", "hogwild-torch", "transformers", "transformers-compiled", "materialize")
-#: Attention backend of each hogwild method's runner (materialize shares the torch runner).
-HOGWILD_BACKENDS = {"hogwild-triton": "triton", "hogwild-torch": "torch", "materialize": "torch"}
+METHODS = ("hogwild-triton", "hogwild-triton+stats", "hogwild-torch", "hogwild-torch+stats", "transformers",
+           "transformers-compiled", "materialize")
+#: Attention backend of each hogwild method's runner (materialize and the +stats methods share the
+#: runner of their backend).
+HOGWILD_BACKENDS = {"hogwild-triton": "triton", "hogwild-triton+stats": "triton", "hogwild-torch": "torch",
+                    "hogwild-torch+stats": "torch", "materialize": "torch"}
+#: The collaboration-statistics variant of each method that has one (``--collab-stats``).
+STATS_SUFFIX = "+stats"
+STATS_VARIANTS = {"hogwild-triton": "hogwild-triton+stats", "hogwild-torch": "hogwild-torch+stats"}
+
+
+def with_stats_variants(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """``methods`` with each one's ``+stats`` variant right after it (``--collab-stats``)."""
+    out: list[str] = []
+    for name in methods:
+        out += [name] + ([STATS_VARIANTS[name]] if name in STATS_VARIANTS else [])
+    return tuple(dict.fromkeys(out))
 
 
 def synchronize(device: torch.device) -> None:
@@ -144,20 +161,26 @@ class HogwildPrompt(Prompt):
 
 
 class HogwildMethod(Method):
-    def __init__(self, name: str, prompt: HogwildPrompt, reference: bool = False):
+    def __init__(self, name: str, prompt: HogwildPrompt, reference: bool = False, collab_stats: bool = False):
         super().__init__(name, prompt)
         self.reference = reference
+        self.collab_stats = collab_stats
 
     def start(self, workers: int, extra_tokens: int) -> HogwildDecoder:
-        return HogwildDecoder(self.prompt, workers, self.name, self.reference)
+        return HogwildDecoder(self.prompt, workers, self.name, self.reference, self.collab_stats)
 
 
 class HogwildDecoder(Decoder):
-    """Worker i sees ``[prompt, own_i]`` and writes one token per pass to ``own_i``."""
+    """Worker i sees ``[prompt, own_i]`` and writes one token per pass to ``own_i``.
 
-    def __init__(self, prompt: HogwildPrompt, workers: int, name: str, reference: bool):
+    collab_stats: every pass also computes the attention shares (``Runner.shares``: per row
+    [layers, 2], read on the host inside the timed pass); ``shares`` keeps the last pass's."""
+
+    def __init__(self, prompt: HogwildPrompt, workers: int, name: str, reference: bool, collab_stats: bool = False):
         self.runner = prompt.runner
         self.reference = reference
+        self.collab_stats = collab_stats
+        self.shares: list[torch.Tensor] | None = None
         self.prompt = prompt.block
         cache = self.runner.cache
         self.own = [cache.new_block(f"{name}-worker{i}") for i in range(workers)]
@@ -175,9 +198,13 @@ class HogwildDecoder(Decoder):
     def step(self) -> float:
         steps = [WorkerStep([t], [self.prompt, own]) for t, own in zip(self.tokens, self.own)]
         start = time.perf_counter()
-        logits = self.runner.forward(steps, reference=self.reference)  # [N, vocab]
+        logits = self.runner.forward(steps, reference=self.reference, collab_stats=self.collab_stats)  # [N, vocab]
         synchronize(self.runner.model.device)
         elapsed = time.perf_counter() - start
+        if self.collab_stats:
+            if self.runner.shares is None or len(self.runner.shares) != len(steps):
+                raise RuntimeError("a pass with collab_stats=True left no attention shares (Runner.shares)")
+            self.shares = self.runner.shares
         self.logits = logits
         self.tokens = logits.argmax(-1).tolist()
         return elapsed

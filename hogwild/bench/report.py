@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .measure import BenchResult
+from .methods import STATS_SUFFIX
 from .profile import profile_text
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,19 @@ def _mib(n: int | None) -> str:
 def title(result: BenchResult) -> str:
     m = result.machine
     where = m.get("gpu") or f"{m.get('cpu', 'CPU')}, {m.get('threads')} threads"
-    return f"{result.model}, {result.dtype}, {result.device} ({where})"
+    ranks = f", --tp {result.tp} (rank 0's K/V)" if result.tp > 1 else ""
+    return f"{result.model}, {result.dtype}, {result.device} ({where}){ranks}"
 
 
 def markdown_table(result: BenchResult) -> str:
     """One row per cell and method: ms per decode step, median [quartiles]; worker tokens/s; ratios
-    of medians (vs transformers, vs transformers-compiled); MiB of K/V held; prefill s. A method
-    that could not run a cell shows "-"; the reasons follow the table."""
+    of medians (vs transformers, vs transformers-compiled, a +stats method vs its method); MiB of K/V
+    held; prefill s. A method that could not run a cell shows "-"; the reasons follow the table."""
     compiled = "transformers-compiled" in result.methods
+    stats = any(m.endswith(STATS_SUFFIX) for m in result.methods)
     head = ["N", "L", "method", "ms/step [quartiles]", "worker tok/s", "vs transformers"]
     head += ["vs compiled"] if compiled else []
+    head += ["vs no stats"] if stats else []
     head += ["K/V MiB", "prefill s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in result.cells:
@@ -47,11 +51,15 @@ def markdown_table(result: BenchResult) -> str:
             if r.ok:
                 row = [f"{r.median_ms:.2f} [{r.iqr_ms[0]:.2f}-{r.iqr_ms[1]:.2f}]", f"{r.tokens_per_s:.1f}",
                        _ratio(r.vs_transformers)] + ([_ratio(r.vs_transformers_compiled)] if compiled else [])
+                row += [_ratio(r.vs_no_stats)] if stats else []
                 row += [_mib(r.kv_bytes), f"{r.prefill_s:.3f}"]
             else:
                 row = ["-"] * (len(head) - 3)
             lines.append(f"| {cell.workers} | {cell.context} | {name} | " + " | ".join(row) + " |")
     text = f"**{title(result)}**\n\n" + "\n".join(lines)
+    if stats:
+        text += ("\n\n(+stats: the same runner with collaboration statistics on every pass; vs no stats: "
+                 "its median over the same method's without them.)")
     if compiled:
         text += "\n\n(transformers-compiled decodes from transformers' one-row prefill: the same prefill time.)"
     skipped = result.skipped()
