@@ -37,10 +37,12 @@ LONG = {"messages": [{"role": "user", "content": "Count to one thousand."}], "ma
 
 
 @contextmanager
-def served(model, max_sessions: int = 4, queue_size: int = 4, **options) -> Iterator[SimpleNamespace]:
-    """A server for an engine of its own in a thread, with a client: ``url``, ``http``,
-    ``engine``, ``srv`` (from ``running``) and ``idle_bytes``, the K/V bytes it holds idle."""
-    engine = Engine(model)
+def served(model, max_sessions: int = 4, queue_size: int = 4, kv_memory: int | None = None,
+           **options) -> Iterator[SimpleNamespace]:
+    """A server for an engine of its own (with a K/V pool of ``kv_memory`` bytes) in a thread,
+    with a client: ``url``, ``http``, ``engine``, ``srv`` (from ``running``) and ``idle_bytes``,
+    the K/V bytes it holds idle."""
+    engine = Engine(model, kv_memory=kv_memory)
     app = create_app(engine, max_sessions, queue_size, **options)
     with running(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
         yield SimpleNamespace(url=srv.url, http=http, engine=engine, srv=srv, idle_bytes=health(http)["cache_bytes"])

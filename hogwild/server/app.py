@@ -117,7 +117,7 @@ def create_app(
     async def hogwild_error(request: Request, exc: HogwildError):
         if isinstance(exc, ServerBusy):
             return error_response(503, str(exc), code=exc.code)
-        return error_response(400, str(exc))
+        return error_response(400, str(exc), code=getattr(exc, "code", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -195,10 +195,30 @@ class ProblemLimits:
                 )
 
 
+def check_pool(session: Session, config: SolveConfig, capacity_tokens: int) -> None:
+    """Refuse a session that could never run: its bound exceeds the whole K/V pool. (One that
+    fits the pool but not its free slots waits in the queue instead.)"""
+    bound = session.token_bound()
+    if bound > capacity_tokens:
+        raise CacheTooSmallError(
+            f"this request may need up to {bound} K/V cache slots ({config.workers} worker(s), max_tokens="
+            f"{config.budget}, a {len(session.prompt_ids)}-token prompt), and the server's whole K/V cache "
+            f"holds {capacity_tokens}; lower max_tokens or hogwild.workers (or start the server with a "
+            f"larger --kv-memory)"
+        )
+
+
+class CacheTooSmallError(InputError):
+    """The request cannot fit even the idle K/V pool (HTTP 400, code ``kv_cache_too_small``)."""
+
+    code = "kv_cache_too_small"
+
+
 def prepare_session(engine: Engine, limits: ProblemLimits, problem: str, config: SolveConfig) -> Session:
     """Tokenize and check a request's session (not started). Runs in a worker thread: it is the
     costly part of a request, and it must not hold up the event loop."""
     limits.check_tokens(engine.model.tokenizer, problem)
     session = engine.session(problem, config)  # validates: InputError -> 400
     check_context(session, config, engine.model.max_positions)
+    check_pool(session, config, engine.runner.cache.capacity_tokens)
     return session

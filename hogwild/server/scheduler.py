@@ -6,6 +6,11 @@ over as a ``Job``; the scheduler admits up to ``max_sessions`` live sessions, pr
 then runs ONE forward pass for the workers of every live session at a time, handing each session
 its rows of the logits. Whatever a job gets goes back through its ``deliver`` callback. A finished,
 failed or cancelled session is closed at once, which frees its cache blocks.
+
+A full K/V pool makes a new session wait, never fails a running one: a session is admitted only
+when the pool can hold its ``token_bound`` next to the bounds of the live ones (and has that many
+free slots); otherwise it stays first in the queue until running sessions finish. A session whose
+bound exceeds the whole pool never gets this far (``requests.prepare_session`` refuses it: 400).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from ..engine.engine import Engine
 from ..engine.events import Event, PassEvent, Result, StepStartEvent, TokenEvent
 from ..engine.session import Session
-from ..errors import HogwildError, InputError
+from ..errors import CacheFullError, HogwildError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """The job ended without a result: 500 for a failed pass, 503 when the server shuts down."""
+    """The job ended without a result: 500 for a failed pass, 503 when the server shuts down, 400
+    for a session that cannot fit even the idle K/V pool."""
 
     message: str
     status: int = 500
@@ -287,16 +293,28 @@ class Scheduler:
         return True
 
     def _admit(self) -> list[Job]:
-        """Move waiting jobs into the free slots (caller holds the lock)."""
+        """Move waiting jobs into the free slots, first come first served, while the K/V pool has
+        room for their bounds (caller holds the lock). The first job that does not fit waits, and
+        the ones behind it with it, until running sessions free their pages."""
+        if any(job.cancelled.is_set() for job in self._waiting):
+            kept = collections.deque(job for job in self._waiting if not job.cancelled.is_set())
+            self._counts["cancelled"] += len(self._waiting) - len(kept)
+            self._waiting = kept
         new = []
         while self._waiting and len(self._live) < self.max_sessions:
-            job = self._waiting.popleft()
-            if job.cancelled.is_set():
-                self._counts["cancelled"] += 1
-                continue
-            self._live.append(job)
+            job = self._waiting[0]
+            if self._live and job.session.token_bound() > self._room():
+                break
+            self._live.append(self._waiting.popleft())
             new.append(job)
         return new
+
+    def _room(self) -> int:
+        """Pool slots a new session may count on: those no live session's bound claims, and no
+        more than are free now (caller holds the lock; only this thread touches the cache)."""
+        cache = self.engine.runner.cache
+        claimed = sum(job.session.token_bound() for job in self._live)
+        return min(cache.capacity_tokens - claimed, cache.free_tokens)
 
     def _take_aborted(self) -> list[tuple[Job, str]]:
         """Jobs to end because of ``abort`` (caller holds the lock)."""
@@ -333,6 +351,15 @@ class Scheduler:
             job.started = True
             if job.stream:
                 job.send(session.take_opened())  # the workers' first steps
+        except CacheFullError as exc:  # raised before any work: the session is untouched
+            with self._cond:
+                others = [j for j in self._live if j is not job]
+                if others:  # wait for them to free pages, first in line
+                    self._live.remove(job)
+                    self._waiting.appendleft(job)
+                    return None
+            log.warning("session %s does not fit the idle K/V pool: %s", job.id, exc)
+            return self._remove(job, "failed", Failed(str(exc), 400, "kv_cache_too_small"))
         except Exception as exc:
             log.exception("session %s failed to start", job.id)
             return self._remove(job, "failed", Failed(f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,84 @@
+"""The server on a tiny random-weight model with a small K/V pool: a session that does not fit
+next to the running one waits in the queue and runs once it finished; one that could never fit
+the whole pool gets 400 at once; collaboration stats stream as "who reads whom" events."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from test_server_support import (  # noqa: F401
+    assert_openai_error,
+    health,
+    one_torch_thread,
+    served,
+    tiny_model,
+    wait_for,
+    wait_idle,
+)
+
+from hogwild.engine.engine import Engine
+from hogwild.engine.session import SolveConfig
+
+PROBLEM = "What is 12 * 7?"
+BUDGET = 40
+PASS_DELAY_S = 0.02  # each pass of the tiny model takes at least this long: a run lasts about a second
+
+
+@pytest.fixture(scope="module")
+def tiny(model, tmp_path_factory):
+    return tiny_model(model, tmp_path_factory.mktemp("tiny"))
+
+
+def body(budget: int = BUDGET, **hogwild) -> dict:
+    return {"messages": [{"role": "user", "content": PROBLEM}], "max_tokens": budget, "stream": True,
+            "hogwild": {"workers": 2, **hogwild}}
+
+
+def read_stream(http, payload: dict, out: list) -> None:
+    with http.stream("POST", "/v1/chat/completions", json=payload) as r:
+        out.append(r.status_code)
+        out.extend(line for line in r.iter_lines() if line)
+
+
+def test_a_full_pool_makes_a_new_session_wait_and_an_oversize_one_gets_400(tiny, monkeypatch):
+    bound = Engine(tiny).session(PROBLEM, SolveConfig(2, "combined", BUDGET)).token_bound()
+    bytes_per_token = Engine(tiny, kv_memory=1 << 20).runner.cache.bytes_per_token
+    with served(tiny, max_sessions=4, queue_size=4, kv_memory=bytes_per_token * bound * 3 // 2) as srv:
+        capacity = srv.engine.runner.cache.capacity_tokens
+        assert bound <= capacity < 2 * bound  # one session fits, two do not
+        forward = srv.engine.runner.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(PASS_DELAY_S)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(srv.engine.runner, "forward", slow_forward)
+        first, second = [], []
+        threads = [threading.Thread(target=read_stream, args=(srv.http, body(), out)) for out in (first, second)]
+        threads[0].start()
+        wait_for(lambda: health(srv.http)["live_sessions"] == 1, 30, "the first session to run")
+        threads[1].start()
+        waiting = wait_for(lambda: (h := health(srv.http))["queued"] == 1 and h, 30, "the second to queue")
+        assert waiting["live_sessions"] == 1, waiting
+        for t in threads:
+            t.join(120)
+        for out in (first, second):
+            assert out[0] == 200 and out[-1] == "data: [DONE]", out[-3:]
+            assert not any(line.startswith('data: {"error"') for line in out[1:]), out[-3:]
+            finals = [json.loads(x[6:]) for x in out[1:] if x.startswith("data: {") and '"finish_reason": "' in x]
+            assert finals and finals[-1]["hogwild"]["result"]["forward_passes"] >= 1
+        stats = wait_idle(srv.http)
+        assert stats["finished"] == 2 and stats["failed"] == 0, stats
+        assert stats["max_batch_rows"] == 2, stats  # never both sessions (2 workers each) in one pass
+        assert stats["cache_bytes"] == srv.idle_bytes
+
+        t0 = time.perf_counter()
+        oversize = srv.http.post("/v1/chat/completions", json={**body(3 * BUDGET), "stream": False})
+        error = assert_openai_error(oversize, 400, str(capacity))
+        assert error["code"] == "kv_cache_too_small" and "K/V cache" in error["message"], error
+        assert time.perf_counter() - t0 < 5
+        after = health(srv.http)
+        assert after["queued"] == after["live_sessions"] == 0 and after["failed"] == 0, after
