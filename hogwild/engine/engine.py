@@ -106,6 +106,7 @@ class Engine:
             while not session.done:
                 t0 = time.perf_counter()
                 logits = self.runner.forward(session.inputs(), collab_stats=session.config.collab_stats)
+                self.runner.synchronize()  # a GPU pass runs on after forward returns: time all of it
                 yield from session.advance(logits, time.perf_counter() - t0, self.runner.shares)
                 yield from session.due_snapshots()
             yield DoneEvent(session.result())

@@ -204,6 +204,11 @@ class Runner:
             self.shares = plan.stats.row_shares(plan.rows)
         return self.model.logits(hidden[torch.arange(B, device=device), last])
 
+    def synchronize(self) -> None:
+        """Wait for the device to finish the passes queued so far (for timings; no-op on the CPU)."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
     def check_written(self, pass_cache: PassCache) -> None:
         """Never decode from unwritten K/V: every layer must have stored through hogwild's cache."""
         if len(pass_cache.layers_written) != self.model.num_layers:
