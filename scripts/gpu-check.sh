@@ -2,17 +2,20 @@
 # GPU checks, for a CUDA machine whose python3 already has torch, transformers (>= 5.17), triton,
 # pytest and hypothesis (no network, no install: the package runs from this checkout). Budget: under
 # 8 minutes on a fresh H100/H200, Triton compiles and graph captures included; every phase has its
-# own timeout so the script always ends and writes what it has.
+# own timeout (120 + 170 + 130 + 50 s) so the script always ends and writes what it has (the benchmark
+# writes bench.json after every cell, and the cells done when it is cut off).
 #   1. exactness on the GPU: both attention backends against the reference (fp32, bf16), the fused
 #      kernel on random layouts, one worker against transformers' greedy decoding on tiny Llama,
 #      Mistral, Qwen2 and Qwen3 models with torch (eager) and triton (CUDA graphs);
 #   2. the benchmark on a random-weight model shaped like Qwen2.5-7B, bf16: hogwild-triton (graphs),
-#      hogwild-torch (eager), transformers eager and transformers compiled, N = 1, 2, 4, 8 and
-#      L = 2048, 8192, 32768, with a torch.profiler trace of each hogwild method;
+#      hogwild-torch (eager) and transformers eager, N = 1, 2, 4, 8 and
+#      L = 32736, 8192, 2048 (longest first: a timeout cuts the short cells; 32736 leaves room for the
+#      decoded tokens in 32768 positions), with a torch.profiler trace of each method; then
+#      hogwild-triton against transformers compiled (StaticCache + torch.compile) at L = 8192;
 #   3. `hogwild solve` end to end on the same random model (worker tokens/s over a 512-pass run).
 # Usage: scripts/gpu-check.sh [OUT_DIR] (default gpu-results). A CPU dry run (tiny model, small grid):
-#   DEVICE=cpu PRESET=tiny-qwen2 CONTEXT=64,300 WORKERS=1,2 STEPS=3 BUDGET=8 DTYPE=float32 \
-#     METHODS=hogwild-triton,hogwild-torch,transformers scripts/gpu-check.sh /tmp/gpu-dry
+#   DEVICE=cpu PRESET=tiny-qwen2 CONTEXT=300,64 WORKERS=2,1 STEPS=3 BUDGET=8 DTYPE=float32 \
+#     COMPILED_CONTEXT=64 COMPILED_WORKERS=1 COMPILE_BACKEND=eager scripts/gpu-check.sh /tmp/gpu-dry
 set -uo pipefail
 out=${1:-gpu-results}
 device=${DEVICE:-cuda}
@@ -33,18 +36,29 @@ torch.cuda.is_available() else "cpu")'
 
 phase "exactness tests"
 tests=(tests/test_attention.py tests/test_triton_attention.py
-       tests/test_engine.py::test_tiny_architectures_one_worker_equals_greedy)
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/tests.log" \
+       tests/test_engine.py::test_tiny_architectures_one_worker_equals_greedy
+       tests/test_collaboration.py::test_identical_keys_share_by_length
+       tests/test_collaboration.py::test_backends_agree_and_rows_sum_to_one)
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/tests.log" \
     || echo "GPU TESTS FAILED OR TIMED OUT (see $out/tests.log); going on"
 
 phase benchmark
-timeout "${BENCH_TIMEOUT:-270}" python3 -m hogwild.cli bench --random-config "$preset" --device "$device" \
-    --dtype "$dtype" --workers "${WORKERS:-1,2,4,8}" --context "${CONTEXT:-2048,8192,32768}" \
-    --steps "${STEPS:-10}" --warmup 3 ${METHODS:+--methods "$METHODS"} --profile --out "$out/bench" 2>&1 \
-    | tee "$out/bench.log" || echo "BENCHMARK FAILED OR TIMED OUT (see $out/bench.log); going on"
+timeout -s INT "${BENCH_TIMEOUT:-170}" python3 -m hogwild.cli bench --random-config "$preset" --device "$device" \
+    --dtype "$dtype" --workers "${WORKERS:-8,4,2,1}" --context "${CONTEXT:-32736,8192,2048}" \
+    --steps "${STEPS:-10}" --warmup 3 --methods "${METHODS:-hogwild-triton,hogwild-torch,transformers}" \
+    --profile --out "$out/bench" 2>&1 | tee "$out/bench.log" \
+    || echo "BENCHMARK FAILED OR TIMED OUT (see $out/bench.log); going on"
+
+# transformers compiled apart: its compile takes minutes, and a run cut short inside it measures nothing.
+phase "benchmark against compiled transformers"
+timeout -s INT "${COMPILED_TIMEOUT:-130}" python3 -m hogwild.cli bench --random-config "$preset" --device "$device" \
+    --dtype "$dtype" --workers "${COMPILED_WORKERS:-4,1}" --context "${COMPILED_CONTEXT:-8192}" \
+    --steps "${STEPS:-10}" --warmup 3 --methods hogwild-triton,transformers-compiled \
+    ${COMPILE_BACKEND:+--compile-backend "$COMPILE_BACKEND"} --out "$out/bench-compiled" 2>&1 \
+    | tee "$out/bench-compiled.log" || echo "COMPILED BENCHMARK FAILED OR TIMED OUT; going on"
 
 phase "solve end to end"
-timeout "${SOLVE_TIMEOUT:-120}" python3 -m hogwild.cli solve "What is 17 * 23?" --random-config "$preset" \
+timeout "${SOLVE_TIMEOUT:-50}" python3 -m hogwild.cli solve "What is 17 * 23?" --random-config "$preset" \
     --device "$device" --dtype "$dtype" --workers 4 --budget "${BUDGET:-512}" --json > "$out/solve.json" \
     2> "$out/solve.log" || echo "SOLVE FAILED OR TIMED OUT (see $out/solve.log)"
 python3 - "$out/solve.json" <<'EOF' 2>&1 | tee -a "$out/solve.log"
