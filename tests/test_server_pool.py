@@ -11,6 +11,7 @@ import time
 import pytest
 from test_server_support import (  # noqa: F401
     assert_openai_error,
+    events_of,
     health,
     one_torch_thread,
     served,
@@ -82,3 +83,40 @@ def test_a_full_pool_makes_a_new_session_wait_and_an_oversize_one_gets_400(tiny,
         assert time.perf_counter() - t0 < 5
         after = health(srv.http)
         assert after["queued"] == after["live_sessions"] == 0 and after["failed"] == 0, after
+
+
+def collab_events(out: list) -> list[dict]:
+    """The collaboration events of a stream read by ``read_stream`` (its status first)."""
+    lines = out
+    return [e for line in lines[1:] for e in events_of(line) if e["type"] == "collaboration"]
+
+
+def test_collab_stats_stream_who_reads_whom(tiny):
+    with served(tiny, max_sessions=2, queue_size=2) as srv:
+        on, off = [], []
+        threads = [threading.Thread(target=read_stream, args=(srv.http, payload, out)) for payload, out in (
+            ({**body(8, collab_stats=True), "seed": 1}, on), ({**body(8, workers=3), "seed": 1}, off))]
+        for t in threads:  # batched together: only one of the two asked for the stats
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert on[0] == off[0] == 200 and on[-1] == off[-1] == "data: [DONE]"
+        assert collab_events(off) == []
+        names = json.loads(on[1][6:])["hogwild"]["workers"]
+        events = collab_events(on)
+        result = json.loads(next(x for x in on[1:] if '"result": {' in x)[6:])["hogwild"]["result"]
+        assert 1 <= len(events) <= result["forward_passes"]
+        for event in events:
+            assert event["names"] == names == ["Alice", "Bob"]
+            assert len(event["matrix"]) == 2 and all(len(row) == 2 for row in event["matrix"])
+            for reader, row in zip(names, event["matrix"], strict=True):
+                shares = event["shares"][reader]
+                total = shares["prompt"] + shares["history"] + shares["protocol"] + shares["own"]
+                assert abs(total + sum(shares["others"].values()) - 1) < 1e-3, shares
+                assert row[names.index(reader)] == round(shares["own"], 4)
+                other = next(n for n in names if n != reader)
+                assert row[names.index(other)] == round(shares["others"][other], 4)
+        assert set(result["collaboration"]["attention"]) == set(names)
+        assert wait_idle(srv.http)["failed"] == 0
+        plain = srv.http.post("/v1/chat/completions", json={**body(4), "stream": False}).json()
+        assert set(plain["hogwild"]["collaboration"]) == {"duplication"}

@@ -58,9 +58,39 @@ def test_page_streams_workers_and_answer(url, tmp_path):
             assert "forward passes" in page.locator("#status").inner_text()
             expect(page.locator("#history-list li").first).to_contain_text("Alice [1]:")
             assert page.locator("#error").inner_text() == ""
+            expect(page.locator("#collab")).to_be_hidden()  # no stats asked for
             shot = tmp_path / "hogwild-web.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def test_page_shows_who_reads_whom_with_collab_stats(url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url + "/")
+            page.fill("#problem", "What is 3 + 4?")
+            page.fill("#workers", "2")
+            page.fill("#budget", "6")
+            page.check("#collab-stats")
+            page.click("#solve")
+            expect(page.locator("#collab")).to_be_visible()
+            expect(page.locator("#collab-pass")).to_contain_text("pass ", timeout=60_000)
+            expect(page.locator("#solve")).to_be_enabled(timeout=120_000)
+            rows = page.locator("#collab-table tr")
+            expect(rows).to_have_count(3)
+            assert rows.nth(0).locator("th").all_inner_texts()[1:] == ["Alice", "Bob"]
+            for r, name in enumerate(["Alice", "Bob"], start=1):
+                assert rows.nth(r).locator("th").inner_text() == name
+                cells = [float(x) for x in rows.nth(r).locator("td").all_inner_texts()]
+                assert len(cells) == 2 and all(0 <= x <= 1 for x in cells), cells
+                assert rows.nth(r).locator("td").nth(r - 1).get_attribute("class") == "diag"
+            assert page.locator("#error").inner_text() == ""
         finally:
             browser.close()
 

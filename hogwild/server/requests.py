@@ -24,12 +24,6 @@ DEFAULT_BUDGET = 512
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**64 - 1
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-# Below this a temperature samples as greedy: it is the limit such temperatures tend to, and
-# logits divided by a tinier one overflow float32 (inf - inf = nan in the softmax).
-MIN_SAMPLING_TEMPERATURE = 1e-4
-# A top_p below this keeps only the most likely token, as this one does; one that rounds to 0 in
-# float32 would drop every token (nan probabilities).
-MIN_TOP_P = 1e-6
 TOKENIZE_CHUNK_CHARS = 16_384
 
 
@@ -82,6 +76,7 @@ class HogwildOptions(BaseModel):
     layout: Text = "combined"
     collab_every: Int | None = None
     top_k: Int = 0
+    collab_stats: bool = False  # stream a "who reads whom" event per pass
 
 
 class StreamOptions(BaseModel):
@@ -128,14 +123,14 @@ def solve_config(body: ChatRequest) -> SolveConfig:
     budget = DEFAULT_BUDGET if budget is None else budget
     if budget < 1:
         raise InputError(f"max_tokens (the forward-pass budget) must be at least 1, got {budget}")
-    temperature = body.temperature or 0.0
-    sampling = SamplingParams(
-        temperature=temperature if temperature >= MIN_SAMPLING_TEMPERATURE else 0.0,
+    sampling = SamplingParams(  # the Sampler copes with tiny temperatures and top_p values
+        temperature=body.temperature or 0.0,
         top_k=body.hogwild.top_k,
-        top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P),
+        top_p=1.0 if body.top_p is None else body.top_p,
     )
     opts = body.hogwild
-    return SolveConfig(opts.workers, opts.layout, budget, sampling, body.seed, opts.collab_every)
+    return SolveConfig(opts.workers, opts.layout, budget, sampling, body.seed, opts.collab_every,
+                       collab_stats=opts.collab_stats)
 
 
 def check_context(session: Session, config: SolveConfig, max_positions: int) -> None:

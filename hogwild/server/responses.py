@@ -13,8 +13,9 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..collaboration import server_payload
 from ..engine.engine import Engine
-from ..engine.events import AnswerEvent, Event, Result, StepEvent, StepStartEvent, TokenEvent
+from ..engine.events import AnswerEvent, CollabEvent, Event, Result, StepEvent, StepStartEvent, TokenEvent
 from ..engine.session import SolveConfig
 from .scheduler import Failed, Finished, Job, Scheduler, Update
 
@@ -63,7 +64,11 @@ def json_response(body: dict, status: int = 200) -> Response:
 EVENT_TYPES = {TokenEvent: "token", StepStartEvent: "step_start", StepEvent: "step", AnswerEvent: "answer"}
 
 
-def event_json(event: Event) -> dict:
+def event_json(event: Event, names: list[str]) -> dict:
+    """A streamed event; a ``CollabEvent`` as ``collaboration.server_payload`` (with the "who reads
+    whom" matrix over ``names``, the workers in order)."""
+    if isinstance(event, CollabEvent):
+        return server_payload(event, names)
     return {"type": EVENT_TYPES.get(type(event), type(event).__name__), **asdict(event)}
 
 
@@ -75,8 +80,9 @@ def finish_reason(result: Result, budget: int) -> str:
 
 
 def transcript(result: Result) -> dict:
-    """The ``hogwild`` extension of a response: the answer and who gave it, every worker's text
-    and the shared history of finished steps."""
+    """The ``hogwild`` extension of a response: the answer and who gave it, every worker's text,
+    the shared history of finished steps and the collaboration measures (``duplication``; with
+    ``collab_stats`` also ``attention``, each worker's shares averaged over its passes)."""
     return {
         "answer": result.answer, "answered_by": result.answered_by, "layout": result.layout,
         "forward_passes": result.forward_passes, "tokens_generated": result.tokens_generated,
@@ -84,6 +90,7 @@ def transcript(result: Result) -> dict:
         "interrupted": result.interrupted,
         "workers": [{"name": w.name, "text": w.text} for w in result.workers],
         "history": [{"worker": h.worker, "step": h.step, "text": h.text} for h in result.history],
+        "collaboration": result.collaboration,
     }
 
 
@@ -180,7 +187,7 @@ async def stream_chunks(job: Job, queue: asyncio.Queue, reply: Reply) -> AsyncIt
                 if item.events:
                     yield reply.chunk(job, {}, {
                         "forward_passes": item.forward_passes, "tokens_generated": item.tokens_generated,
-                        "events": [event_json(e) for e in item.events],
+                        "events": [event_json(e, names) for e in item.events],
                     })
                 continue
             done = True

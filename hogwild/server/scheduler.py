@@ -382,9 +382,11 @@ class Scheduler:
             rows.extend(mine)
         if not rows:
             return
+        runner = self.engine.runner
         t0 = time.perf_counter()
         try:
-            logits = self.engine.runner.forward(rows)
+            logits = runner.forward(rows, collab_stats=any(job.session.config.collab_stats for job, _ in batch))
+            shares = runner.shares  # now: a finisher's pass in ``advance`` resets it
         except Exception:
             if len(batch) == 1:
                 return self._fail_pass(batch[0][0])
@@ -393,11 +395,11 @@ class Scheduler:
             for job, _ in batch:
                 t0 = time.perf_counter()
                 try:
-                    part = self.engine.runner.forward(job.session.inputs())
+                    part = runner.forward(job.session.inputs(), collab_stats=job.session.config.collab_stats)
                 except Exception:
                     self._fail_pass(job)
                     continue
-                self._advance(job, part, time.perf_counter() - t0)
+                self._advance(job, part, time.perf_counter() - t0, runner.shares)
             return
         elapsed = time.perf_counter() - t0
         with self._cond:
@@ -405,18 +407,20 @@ class Scheduler:
             self._counts["max_rows"] = max(self._counts["max_rows"], len(rows))
         offset = 0
         for job, n in batch:
-            self._advance(job, logits[offset : offset + n], elapsed)
+            mine = shares[offset : offset + n] if shares is not None else None
+            self._advance(job, logits[offset : offset + n], elapsed, mine)
             offset += n
 
     def _fail_pass(self, job: Job) -> None:
         log.exception("session %s: its pass failed", job.id)
         self._remove(job, "failed", Failed("a forward pass failed; see the server's log"))
 
-    def _advance(self, job: Job, logits, elapsed: float) -> None:
-        """Hand a session its logits, deliver its events, close it when done."""
+    def _advance(self, job: Job, logits, elapsed: float, shares=None) -> None:
+        """Hand a session its logits (and, with ``collab_stats``, its rows' attention shares),
+        deliver its events, close it when done."""
         session = job.session
         try:
-            events = session.advance(logits, elapsed)
+            events = session.advance(logits, elapsed, shares if session.config.collab_stats else None)
             result = session.result() if session.done else None
             if job.stream:
                 job.send([e for e in events if not isinstance(e, PassEvent)], result)
