@@ -8,10 +8,15 @@ import torch
 
 from .errors import InputError
 
+# Below this a temperature samples as greedy: the limit such temperatures tend to (logits divided
+# by a tinier one overflow float32, and inf - inf is nan in the softmax).
+GREEDY_BELOW_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+    """How the next token is chosen. temperature 0 (or below ``GREEDY_BELOW_TEMPERATURE``) means
+    greedy (argmax); top_p keeps at least the most likely token, however small it is."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -61,7 +66,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> list[int]:
         p = self.params
         logits = self._allowed(logits)
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW_TEMPERATURE:
             return logits.argmax(-1).tolist()
         logits = logits / p.temperature
         if p.top_k:
@@ -71,6 +76,7 @@ class Sampler:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the first token past top_p
+            drop[:, 0] = False  # and always the most likely one (a top_p that is 0 in float32 drops all)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(-1)
