@@ -68,7 +68,9 @@ def hogwild_attention(module, query, key, value, attention_mask, scaling, dropou
                                "soft-capping yet: use the torch backend for this model")
 
         layer = module.layer_idx
-        return triton_attention(query, plan.cache.keys[layer], plan.cache.values[layer], plan.triton, scaling), None
+        shares = None if plan.stats is None else (plan.stats.pc_pair, plan.stats.stats[layer])
+        keys, values = plan.cache.keys[layer], plan.cache.values[layer]
+        return triton_attention(query, keys, values, plan.triton, scaling, shares), None
     method = reference_attention if plan.reference else concurrent_attention
     return method(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 

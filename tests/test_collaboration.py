@@ -48,7 +48,8 @@ def shares_of(backend, lengths, views, n_new, zero_keys=False, seed=0, device="c
     for layer in range(LAYERS):
         module = type("Layer", (), {"layer_idx": layer})()
         if backend == "triton":
-            triton_attention(query, cache.keys[layer], cache.values[layer], plan.triton, HEAD_DIM**-0.5)
+            shares = plan.stats.pc_pair, plan.stats.stats[layer]
+            triton_attention(query, cache.keys[layer], cache.values[layer], plan.triton, HEAD_DIM**-0.5, shares)
         else:
             method = concurrent_attention if backend == "torch" else reference_attention
             method(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)

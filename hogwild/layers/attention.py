@@ -186,14 +186,12 @@ class AttentionStats:
     pair, the share of its row's attention mass that falls on the pair's entry, averaged over the
     query heads and the row's real tokens (the shares of a row sum to 1 in every layer). pairs:
     (row, entry index) of each column, in the backend's pair order. pc_pair: int32 [pcs], the pair
-    of each triton pair-chunk (None for the other backends). layer_of: the layer of each K pool
-    slice by its data pointer (the triton launcher's only handle on the layer it runs).
+    of each triton pair-chunk (None for the other backends).
     """
 
     stats: torch.Tensor
     pairs: list[tuple[int, int]]
     pc_pair: torch.Tensor | None = None
-    layer_of: dict[int, int] = field(default_factory=dict)
 
     def row_shares(self, rows: list[Row]) -> list[torch.Tensor]:
         """Per row, float32 [layers, entries] on the host (entries it cannot see get 0): the pass's one read."""
@@ -282,7 +280,6 @@ class PassPlan:
                 self.triton = static.meta
             if collab_stats:
                 self.stats = self._triton_stats(host)
-            self.triton.stats = self.stats  # the merge kernel writes shares only where it is set
             return
         if backend == "reference":
             if collab_stats:
@@ -336,10 +333,8 @@ class PassPlan:
         for p, (first, n) in enumerate(zip(pc0.tolist(), chunks.tolist(), strict=True)):
             pc_pair[first : first + n] = p
         device = self.cache.device
-        keys = self.cache.keys
         return AttentionStats(
-            torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs,
-            torch.from_numpy(pc_pair).to(device), {keys[layer].data_ptr(): layer for layer in range(keys.shape[0])},
+            torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs, torch.from_numpy(pc_pair).to(device)
         )
 
     def _group(self, cluster: list[list[tuple[int, ViewEntry]]], deltas: list[int], device) -> Group:

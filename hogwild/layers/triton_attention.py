@@ -233,7 +233,6 @@ class DeviceMeta:
         self.l = torch.empty(shape, dtype=torch.float32, device=device)
         self.acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=device)
         self.filled = (0, 0)
-        self.stats = None  # a pass plan's AttentionStats (collab_stats): the merge also writes attention shares
 
     @classmethod
     def allocate(cls, rows: int, items: int, pairs: int, pcs: int, pages: int, T: int, q_heads: int,
@@ -440,14 +439,17 @@ _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 def triton_attention(
-    query: torch.Tensor, layer_keys: torch.Tensor, layer_values: torch.Tensor, meta: DeviceMeta, scaling: float
+    query: torch.Tensor, layer_keys: torch.Tensor, layer_values: torch.Tensor, meta: DeviceMeta, scaling: float,
+    shares: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Concurrent attention of a pass's rows over their views (two launches, capture-safe).
 
     query: [B, Hq, T, D] new queries rotated at their local positions (B <= row capacity, T <=
     the T capacity); layer_keys, layer_values: [kv_heads, slots, D] one layer of the pool (last
-    dim contiguous); scaling: softmax scale. Returns out [B, T, Hq, D] in query's dtype, zeros at
-    padding. On CPU tensors (Triton's interpreter) tiles are computed in fp32.
+    dim contiguous); scaling: softmax scale; shares: (pc_pair int32 [pcs], this layer's float32
+    [pairs] row of ``AttentionStats.stats``) to also add each pair's share of its row's attention
+    (collab_stats), or None. Returns out [B, T, Hq, D] in query's dtype, zeros at padding. On CPU
+    tensors (Triton's interpreter) tiles are computed in fp32.
     """
     B, Hq, T, D = query.shape
     Hkv = layer_keys.shape[0]
@@ -473,15 +475,11 @@ def triton_attention(
         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4, num_stages=2,  # fastest on an H200 (vs 8 warps, 3)
     )
     out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
-    stats = meta.stats  # AttentionStats (collab_stats): this layer's row of its [layers, pairs] buffer
-    if stats is None:
-        pc_pair = layer_stats = meta.rows  # not read (COLLAB=False)
-    else:
-        pc_pair, layer_stats = stats.pc_pair, stats.stats[stats.layer_of[layer_keys.data_ptr()]]
+    pc_pair, layer_stats = shares if shares is not None else (meta.rows, meta.rows)  # not read without COLLAB
     block_t = min(16, triton.next_power_of_2(T))  # a merge tile holds 16 (pc, token) pairs
     _merge_kernel[(B, Hq, triton.cdiv(T, block_t))](
         meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, pc_pair, layer_stats, T,
         out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h, Hq,
-        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16 // block_t, BLOCK_T=block_t, COLLAB=stats is not None, num_warps=4,
+        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16 // block_t, BLOCK_T=block_t, COLLAB=shares is not None, num_warps=4,
     )
     return out
