@@ -21,7 +21,9 @@ control channel (a gloo group, also under NCCL) before rank 0 runs it:
 Every rank then runs the same forward pass on its heads, so the ranks never diverge; the tokens
 sampled on rank 0 reach the followers as the next pass's new tokens. Collectives time out after
 ``HOGWILD_TP_TIMEOUT`` seconds (default 60): a dead rank ends the others with a message instead of
-a hang.
+a hang. A front end that must end cleanly (the server: it answers its requests, then exits) sets
+``TPGroup.on_failure``; it is called once, from whichever thread finds the rank gone, instead of
+the process's immediate exit.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -100,6 +103,8 @@ class TPGroup:
         self._last_sent = time.monotonic()
         self._stopped = False
         self._cache = None  # rank 0: the pool the followers mirror
+        self.on_failure: Callable[[str], None] | None = None  # rank 0: instead of exiting when a rank is lost
+        self.failed: str | None = None
         if self.rank == 0:
             threading.Thread(target=self._heartbeat, name="hogwild-tp-ping", daemon=True).start()
 
@@ -117,7 +122,10 @@ class TPGroup:
             try:
                 dist.broadcast_object_list([op], src=0, group=self.control)
             except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError subclasses
-                raise TPError(f"a tensor-parallel rank is gone ({type(exc).__name__}: {exc})") from exc
+                error = TPError(f"a tensor-parallel rank is gone ({type(exc).__name__}: {exc})")
+                if self.on_failure is not None and not self._stopped:
+                    self._fail(str(error))
+                raise error from exc
             self._last_sent = time.monotonic()
 
     def receive(self) -> tuple:
@@ -141,13 +149,26 @@ class TPGroup:
             except TPError as exc:
                 if self._stopped:
                     return
-                print(f"hogwild: error: rank 0: {exc}; exiting", file=sys.stderr, flush=True)
-                os._exit(1)
+                self._fail(str(exc))
+                return
+
+    def _fail(self, message: str) -> None:
+        """A rank is lost: hand it to ``on_failure`` (once), or exit the process now."""
+        if self.failed is not None:
+            return
+        self.failed = message
+        print(f"hogwild: error: rank 0: {message}; exiting", file=sys.stderr, flush=True)
+        if self.on_failure is None:
+            os._exit(1)
+        self.on_failure(message)
 
     def stop(self) -> None:
         """Rank 0: tell the followers the run is over, then leave the group."""
         import torch.distributed as dist
 
+        if self.failed is not None:  # a rank is gone: nothing to tell, no group to leave cleanly
+            self._stopped = True
+            return
         if self.leader and not self._stopped:
             try:
                 self.send(("stop",))

@@ -120,3 +120,48 @@ def test_collab_stats_stream_who_reads_whom(tiny):
         assert wait_idle(srv.http)["failed"] == 0
         plain = srv.http.post("/v1/chat/completions", json={**body(4), "stream": False}).json()
         assert set(plain["hogwild"]["collaboration"]) == {"duplication"}
+
+
+def test_a_lost_tensor_parallel_rank_ends_the_requests_with_503_and_stops_the_server(tiny, monkeypatch):
+    import torch.distributed as dist
+
+    from hogwild.distributed import TPGroup
+
+    with served(tiny, max_sessions=1, queue_size=2) as srv:
+        # Rank 0's group without torchrun: its control channel fails as it does when a rank is gone.
+        group = TPGroup.__new__(TPGroup)
+        group.rank, group.timeout, group.control, group.failed = 0, 0.4, None, None
+        group._lock, group._stopped, group._last_sent = threading.Lock(), False, 0.0
+        calls = []
+        group.on_failure = lambda message: calls.append(message) or srv.srv.server.scheduler.fail(message)
+        forward = srv.engine.runner.forward
+        monkeypatch.setattr(srv.engine.runner, "forward", lambda *a, **k: time.sleep(PASS_DELAY_S) or forward(*a, **k))
+        running, queued = [], []
+        threads = [threading.Thread(target=read_stream, args=(srv.http, body(2000), out)) for out in (running, queued)]
+        threads[0].start()
+        wait_for(lambda: health(srv.http)["live_sessions"] == 1, 30, "the first session to run")
+        threads[1].start()
+        wait_for(lambda: health(srv.http)["queued"] == 1, 30, "the second to queue")
+
+        def gone(*args, **kwargs):
+            raise RuntimeError("Connection closed by peer")
+
+        monkeypatch.setattr(dist, "broadcast_object_list", gone)
+        group._heartbeat()  # pings, finds the rank gone, calls the hook once and returns
+        assert len(calls) == 1 and "rank is gone" in calls[0] and group.failed == calls[0]
+        for t in threads:
+            t.join(30)
+        for out in (running, queued):
+            assert out[0] == 200 and out[-1] == "data: [DONE]", out[-3:]
+            error = json.loads(out[-2][6:])["error"]
+            assert error["code"] == "engine_failed" and error["type"] == "server_error", error
+        refused = srv.http.post("/v1/chat/completions", json=body(4))
+        assert assert_openai_error(refused, 503, "rank is gone")["code"] == "engine_failed"  # with Retry-After
+        status = srv.http.get("/health")
+        assert status.status_code == 503 and status.json()["status"] == "failed"
+
+        t0 = time.monotonic()
+        srv.srv.server.fail(calls[0])  # what ``hogwild serve`` sets as the hook: the above, then exit
+        srv.srv.thread.join(20)
+        assert not srv.srv.thread.is_alive() and srv.srv.server.failed == calls[0]
+        assert time.monotonic() - t0 < 20

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def register(sub) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
+    from .. import distributed
     from ..cli_args import load_from_args, runner_options
     from ..engine.engine import Engine
     from ..errors import InputError
@@ -75,6 +77,12 @@ def run_serve(args) -> int:
                      max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     server = DrainingServer(config, app.state.hogwild.scheduler, args.drain_seconds)
+    group = distributed.current()
+    if group is not None:  # a lost rank: answer the requests, then exit (not the CLI's immediate exit)
+        group.on_failure = server.fail
     print(f"hogwild: serving {engine.model.name} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     server.run()
+    if server.failed is not None:
+        print(f"hogwild: error: {server.failed}", file=sys.stderr, flush=True)
+        return 1
     return 0

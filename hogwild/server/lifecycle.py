@@ -5,6 +5,10 @@ Retry-After), ``/health`` says ``draining``, and the running and queued requests
 ``drain_seconds``. Then, or at once on a second signal, the ones left end with an error (a stream
 gets an error chunk and ``[DONE]``; a plain request a 503), and uvicorn shuts down. A third signal
 quits without waiting. The process then exits with status 0.
+
+``fail`` (the tensor-parallel group's ``on_failure`` hook: a rank is gone) ends every request at
+once (503 ``engine_failed``; a stream gets an error chunk and ``[DONE]``), refuses new ones and
+shuts uvicorn down; ``hogwild serve`` then exits with status 1.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ class DrainingServer(uvicorn.Server):
         self.signals = 0
         self.drain_deadline: float | None = None
         self.exiting = False
+        self.failed: str | None = None
+
+    def fail(self, message: str) -> None:
+        """The engine cannot run any more (any thread): end the requests, then exit (see the module)."""
+        self.failed = message
+        self.scheduler.fail(message)
+        self.exiting = self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         """A signal (or a test standing in for one): only counted here; the draining happens in

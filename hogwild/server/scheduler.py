@@ -159,6 +159,7 @@ class Scheduler:
         self._draining = False  # no new requests
         self._ending = False  # ``abort`` was called: nothing more runs
         self._abort: str | None = None
+        self._failure: str | None = None  # ``fail``: the engine cannot run any more
         self._stop = False
         self._thread: threading.Thread | None = None
         self._counts = collections.Counter()
@@ -186,6 +187,8 @@ class Scheduler:
 
     def _check_open(self, accepted: bool = False) -> None:
         """Refuse new requests while draining; an accepted one may still queue, until ``abort``."""
+        if self._failure is not None:
+            raise ServerBusy(f"the server cannot run the model any more: {self._failure}", "engine_failed")
         if self._stop or self._ending or (self._draining and not accepted):
             raise ServerBusy("the server is shutting down", "server_shutting_down")
 
@@ -220,7 +223,9 @@ class Scheduler:
 
     @property
     def status(self) -> str:
-        """``ok``, ``draining`` (shutting down: no new requests) or ``stopped``."""
+        """``ok``, ``draining`` (shutting down: no new requests), ``failed`` (see ``fail``) or ``stopped``."""
+        if self._failure is not None:
+            return "failed"
         if not self.alive:
             return "stopped"
         return "draining" if self._draining else "ok"
@@ -244,6 +249,24 @@ class Scheduler:
                 self._abort = message
                 self._cond.notify()
 
+    def fail(self, message: str) -> None:
+        """The engine cannot run any more (a tensor-parallel rank is gone): refuse new requests
+        (503) and end every running and queued one now with a 503 error. Called from any thread,
+        also while the scheduler thread is stuck in a pass: the jobs are ended from here, their
+        sessions left as they are (the process is about to exit)."""
+        with self._cond:
+            if self._failure is not None:
+                return
+            self._failure = message
+            self._draining = self._ending = True
+            jobs = self._live + list(self._waiting)
+            self._live, self._waiting = [], collections.deque()
+            self._counts["aborted"] += len(jobs)
+            self._cond.notify()
+        log.error("hogwild: the engine failed (%s): %d request(s) ended", message, len(jobs))
+        for job in jobs:
+            job.deliver(Failed(f"the server cannot run the model any more: {message}", 503, "engine_failed"))
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="hogwild-scheduler", daemon=True)
         self._thread.start()
@@ -252,8 +275,8 @@ class Scheduler:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is not None:  # after ``fail`` it may be stuck in a pass that never ends
+            self._thread.join(min(timeout, 1.0) if self._failure is not None else timeout)
 
     # -- the scheduler thread --
     def _loop(self) -> None:
@@ -279,7 +302,7 @@ class Scheduler:
         with self._cond:
             while not self._stop and self._abort is None and not self._live and not self._waiting:
                 self._cond.wait()
-            if self._stop:
+            if self._stop or self._failure is not None:
                 return False
             aborted = self._take_aborted()
             new = [] if aborted else self._admit()
