@@ -63,14 +63,12 @@ def hogwild_attention(module, query, key, value, attention_mask, scaling, dropou
         from .layers.attention import layer_options
         from .layers.triton_attention import triton_attention
 
-        if any(option is not None for option in layer_options(kwargs)):
-            raise RuntimeError("the triton backend does not run sliding windows, attention sinks or logit "
-                               "soft-capping yet: use the torch backend for this model")
-
+        window, sinks, softcap = layer_options(kwargs)
         layer = module.layer_idx
         shares = None if plan.stats is None else (plan.stats.pc_pair, plan.stats.stats[layer])
         keys, values = plan.cache.keys[layer], plan.cache.values[layer]
-        return triton_attention(query, keys, values, plan.triton, scaling, shares), None
+        return triton_attention(query, keys, values, plan.triton, scaling, shares, window=window, sinks=sinks,
+                                softcap=softcap, table=plan.cache.layer_rope[layer]), None
     method = reference_attention if plan.reference else concurrent_attention
     return method(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
@@ -99,7 +97,7 @@ class LoadedModel:
     inv_freq: float32 rotary inverse frequencies (RoPE scaling folded in), on the CPU (pass plans are
     built on the host): [R/2], or [layers, R/2] when layers differ (Gemma 3); R < head_dim is partial
     rotary. features: what the model needs beyond plain causal attention with one table
-    (``attention_features``; the triton backend runs none of it yet).
+    (``attention_features``; the triton backend runs those in ``TRITON_FEATURES``).
     """
 
     model: torch.nn.Module
@@ -189,9 +187,15 @@ def check_supported(config) -> None:
         )
 
 
+#: The features (``attention_features``) that the triton backend runs: Runner.for_model refuses triton
+#: for a model that needs any other.
+TRITON_FEATURES = ("sliding windows", "attention sinks", "attention logit soft-capping", "per-layer RoPE tables",
+                   "partial rotary")
+
+
 def attention_features(config, inv_freq: torch.Tensor, head_dim: int) -> tuple[str, ...]:
-    """What beyond plain causal attention with one RoPE table this model needs (the torch and reference
-    backends run all of it; the triton backend none yet)."""
+    """What beyond plain causal attention with one RoPE table this model needs (every backend runs all
+    of it; ``TRITON_FEATURES`` lists what the triton backend runs)."""
     features = []
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)

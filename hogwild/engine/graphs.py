@@ -49,6 +49,7 @@ class Bucket:
             pages=cache.num_pages, T=1, q_heads=model.groups * cache.num_kv_heads, groups=model.groups,
             head_dim=cache.head_dim, page_size=cache.page_size, device=device,
             chunk=TRITON_CHUNK, block_m=triton_block_m(model.groups),
+            rotary=2 * cache.host_inv_freq.shape[-1], tables=len(cache.host_rope_tables),
         )
         self.static = StaticBuffers(torch.full((rows,), PAD_SLOT, dtype=torch.long, device=device), meta)
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -15,7 +15,7 @@ import torch
 from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
 from ..layers.attention import BACKENDS, PassPlan, Row, StaticBuffers, ViewEntry
-from ..model import LoadedModel
+from ..model import TRITON_FEATURES, LoadedModel
 
 
 @dataclass
@@ -147,9 +147,10 @@ class Runner:
     ) -> Runner:
         """A runner with a fresh cache of ``kv_memory`` bytes (default: ``default_kv_memory``)."""
         asked, attention = attention, resolve_attention(attention, model.device)
-        if attention == "triton" and model.features:  # windows, sinks, per-layer or partial RoPE: torch only
+        unsupported = [f for f in model.features if f not in TRITON_FEATURES]
+        if attention == "triton" and unsupported:  # features the triton kernels do not run: torch only
             if asked != "auto":
-                raise InputError(f"the triton backend does not support {', '.join(model.features)} yet "
+                raise InputError(f"the triton backend does not support {', '.join(unsupported)} yet "
                                  f"({model.name} needs them); use --attention torch")
             attention = "torch"
         cache = SharedCache.for_memory(

@@ -266,13 +266,10 @@ class PassPlan:
         if backend == "triton":
             from .triton_attention import DeviceMeta, build_meta
 
-            if len(cache.rope_tables) > 1 or 2 * self.inv_freq.shape[-1] != cache.head_dim:
-                raise ValueError("the triton backend runs one full-width RoPE table: per-layer tables and partial "
-                                 "rotary need the torch backend")
-
-            host = build_meta(
-                rows, self.T, groups, cache.page_size, self.inv_freq, TRITON_CHUNK, triton_block_m(groups)
-            )
+            # One rotation table per distinct RoPE table (layer l reads cache.layer_rope[l]); partial
+            # rotary: the dims past 2 * len(inv_freq) pass through.
+            host = build_meta(rows, self.T, groups, cache.page_size, cache.host_rope_tables, TRITON_CHUNK,
+                              triton_block_m(groups), cache.head_dim)
             if static is None:
                 self.triton = DeviceMeta.from_host(host, groups * cache.num_kv_heads, device)
             else:

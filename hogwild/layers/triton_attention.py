@@ -70,7 +70,10 @@ class HostMeta:
     pc_tlo: int32 [n_pcs], the first token of its pair that sees the pc's chunk (earlier tokens
     are not written there); pages: int32 [n_pages], the pages of every block read, each block
     once; trig: float32 [n_pairs, 2, head_dim/2], cos and sin of ``delta * inv_freq`` (float64
-    angles). T: padded new tokens per row; the other fields are the settings the pass was built for.
+    angles). With R = ``rotary`` < head_dim (partial rotary) trig is [n_pairs, 2, R/2]; with several
+    RoPE tables (one per distinct layer table) it is [tables, n_pairs, 2, R/2]: layer l reads
+    ``trig[layer_rope[l]]``. T: padded new tokens per row; the other fields are the settings the pass
+    was built for.
     """
 
     T: int
@@ -85,6 +88,11 @@ class HostMeta:
     pc_tlo: np.ndarray
     pages: np.ndarray
     trig: np.ndarray
+    rotary: int = 0  # rotary dims R (0: head_dim)
+    tables: int = 1  # RoPE tables: trig is [tables, n_pairs, 2, R/2]
+
+    def __post_init__(self):
+        self.rotary = self.rotary or self.head_dim
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,17 +126,27 @@ def build_meta(
     inv_freq,
     chunk: int = 256,
     block_m: int = 64,
+    head_dim: int | None = None,
 ) -> HostMeta:
     """Lay out a pass for the kernels (host work, plain Python and numpy).
 
     rows: the pass's rows (``Row``, blocks with ``pages``); T: padded new tokens per row; groups:
     query heads per K/V head; page_size: tokens per pool page; inv_freq: [head_dim/2] rotary
-    inverse frequencies (host tensor or array); chunk: keys per work item at most; block_m:
-    query rows per work item (a power of two >= 16 and >= groups).
+    inverse frequencies (host tensor or array), or [tables, R/2] / a list of tables (per-layer RoPE:
+    one rotation table each); chunk: keys per work item at most; block_m: query rows per work item
+    (a power of two >= 16 and >= groups); head_dim: D when it exceeds the rotary width R = 2 *
+    len(inv_freq) (partial rotary: the last D - R dims pass through).
     """
     if block_m < 16 or block_m & (block_m - 1) or groups > block_m:
         raise ValueError(f"block_m must be a power of two >= max(16, groups), got {block_m} for {groups} groups")
+    if isinstance(inv_freq, (list, tuple)):
+        inv_freq = np.stack([np.asarray(x, dtype=np.float64) for x in inv_freq])
     inv = np.asarray(inv_freq, dtype=np.float64)
+    tables = inv[None] if inv.ndim == 1 else inv
+    rotary = 2 * tables.shape[-1]
+    head_dim = head_dim or rotary
+    if rotary > head_dim or rotary % 2:
+        raise ValueError(f"rotary width {rotary} must be even and at most head_dim {head_dim}")
     max_tokens = block_m // groups
 
     readers: dict = {}  # block -> [(n_new, reach, row index, visible, qstart, delta)]
@@ -176,7 +194,7 @@ def build_meta(
     return HostMeta(
         T=T,
         groups=groups,
-        head_dim=2 * inv.shape[0],
+        head_dim=head_dim,
         page_size=page_size,
         chunk=chunk,
         block_m=block_m,
@@ -185,7 +203,10 @@ def build_meta(
         rows=np.stack([row_end - row_pcs, row_end, [row.n_new for row in rows]], 1).astype(np.int32),
         pc_tlo=pc_tlo.astype(np.int32),
         pages=np.array(pages, dtype=np.int32),
-        trig=rotation_table(delta, inv),
+        trig=(rotation_table(delta, tables[0]) if len(tables) == 1
+              else np.stack([rotation_table(delta, x) for x in tables])),
+        rotary=rotary,
+        tables=len(tables),
     )
 
 
@@ -196,17 +217,19 @@ class DeviceMeta:
     in place by ``fill`` before every pass, so captured launches stay valid. All int32 tables live
     in one buffer: count int32 [1] (work items of the pass; programs past it exit), items
     [items, 8], pairs [pairs, 6], rows [rows, 3] (rows past the pass's have no pcs and get zeros),
-    pc_tlo [pcs], pages [pages], and trig float32 [pairs, 2, head_dim/2] (same bytes).
+    pc_tlo [pcs], pages [pages], and trig float32 [tables, pairs, 2, R/2] (same bytes; R: rotary
+    dims, head_dim unless partial; tables: distinct RoPE tables, 1 unless per-layer).
     Workspaces: m, l float32 [pcs, q_heads, T] (running max in log2 units, sum of exp2), acc
     float32 [pcs, q_heads, T, head_dim] (unnormalised output).
     """
 
     def __init__(self, caps: dict[str, int], q_heads: int, groups: int, head_dim: int, page_size: int,
-                 chunk: int, block_m: int, device):
+                 chunk: int, block_m: int, device, rotary: int | None = None, tables: int = 1):
         self.caps = caps
         self.q_heads, self.groups, self.head_dim = q_heads, groups, head_dim
         self.page_size, self.chunk, self.block_m = page_size, chunk, block_m
-        half = head_dim // 2
+        self.rotary, self.tables = rotary or head_dim, tables
+        half = self.rotary // 2
         sizes = {
             "count": 1,
             "items": caps["items"] * len(ITEM_FIELDS),
@@ -214,7 +237,7 @@ class DeviceMeta:
             "rows": caps["rows"] * len(ROW_FIELDS),
             "pc_tlo": caps["pcs"],
             "pages": caps["pages"],
-            "trig": caps["pairs"] * 2 * half,
+            "trig": tables * caps["pairs"] * 2 * half,
         }
         offsets, total = {}, 0
         for name, size in sizes.items():
@@ -227,7 +250,7 @@ class DeviceMeta:
         self.pairs = view["pairs"].view(-1, len(PAIR_FIELDS))
         self.rows = view["rows"].view(-1, len(ROW_FIELDS))
         self.pc_tlo, self.pages = view["pc_tlo"], view["pages"]
-        self.trig = view["trig"].view(torch.float32).view(-1, 2, half)
+        self.trig = view["trig"].view(torch.float32).view(tables, -1, 2, half)
         shape = (caps["pcs"], q_heads, caps["T"])
         self.m = torch.empty(shape, dtype=torch.float32, device=device)
         self.l = torch.empty(shape, dtype=torch.float32, device=device)
@@ -236,10 +259,12 @@ class DeviceMeta:
 
     @classmethod
     def allocate(cls, rows: int, items: int, pairs: int, pcs: int, pages: int, T: int, q_heads: int,
-                 groups: int, head_dim: int, page_size: int, device, chunk: int = 256, block_m: int = 64) -> DeviceMeta:
-        """Buffers for any pass within these capacities (once, before capturing graphs)."""
+                 groups: int, head_dim: int, page_size: int, device, chunk: int = 256, block_m: int = 64,
+                 rotary: int | None = None, tables: int = 1) -> DeviceMeta:
+        """Buffers for any pass within these capacities (once, before capturing graphs). rotary: the
+        rotary dims (default head_dim); tables: distinct RoPE tables (per-layer RoPE: more than 1)."""
         caps = {"rows": rows, "items": items, "pairs": pairs, "pcs": pcs, "pages": pages, "T": T}
-        return cls(caps, q_heads, groups, head_dim, page_size, chunk, block_m, device)
+        return cls(caps, q_heads, groups, head_dim, page_size, chunk, block_m, device, rotary, tables)
 
     @classmethod
     def from_host(cls, host: HostMeta, q_heads: int, device) -> DeviceMeta:
@@ -247,7 +272,7 @@ class DeviceMeta:
         meta = cls.allocate(
             max(1, len(host.rows)), max(1, len(host.items)), max(1, len(host.pairs)), max(1, len(host.pc_tlo)),
             max(1, len(host.pages)), host.T, q_heads, host.groups, host.head_dim, host.page_size, device,
-            host.chunk, host.block_m,
+            host.chunk, host.block_m, host.rotary, host.tables,
         )
         meta.fill(host)
         return meta
@@ -258,10 +283,11 @@ class DeviceMeta:
         Raises ValueError when the pass does not fit the capacities or settings (re-plan, or
         allocate a bigger bucket).
         """
-        settings = (host.groups, host.head_dim, host.page_size, host.chunk, host.block_m)
-        if settings != (self.groups, self.head_dim, self.page_size, self.chunk, self.block_m):
-            raise ValueError(f"pass built for (groups, head_dim, page_size, chunk, block_m) = {settings}, "
-                             f"buffers for {(self.groups, self.head_dim, self.page_size, self.chunk, self.block_m)}")
+        settings = (host.groups, host.head_dim, host.page_size, host.chunk, host.block_m, host.rotary, host.tables)
+        mine = (self.groups, self.head_dim, self.page_size, self.chunk, self.block_m, self.rotary, self.tables)
+        if settings != mine:
+            raise ValueError(f"pass built for (groups, head_dim, page_size, chunk, block_m, rotary, tables) = "
+                             f"{settings}, buffers for {mine}")
         used = {"rows": len(host.rows), "items": len(host.items), "pairs": len(host.pairs),
                 "pcs": len(host.pc_tlo), "pages": len(host.pages), "T": host.T}
         over = [f"{k} {n} > {self.caps[k]}" for k, n in used.items() if n > self.caps[k]]
@@ -277,24 +303,33 @@ class DeviceMeta:
             (self.rows, rows),
             (self.pc_tlo, host.pc_tlo),
             (self.pages, host.pages),
-            (self.trig, host.trig),
         ]
         for dst, src in copies:
             if len(src):
                 dst[: len(src)].copy_(torch.from_numpy(src), non_blocking=True)
+        trig = host.trig if host.tables > 1 else host.trig[None]
+        for k in range(host.tables if len(host.pairs) else 0):  # one contiguous copy per table
+            self.trig[k, : len(host.pairs)].copy_(torch.from_numpy(trig[k]), non_blocking=True)
 
 
 @triton.jit
 def _partial_kernel(
     q_ptr, k_ptr, v_ptr, count_ptr, items_ptr, pairs_ptr, pages_ptr, trig_ptr, m_ptr, l_ptr, acc_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd, stride_kh, stride_ks, stride_vh, stride_vs,
-    ws_pc, ws_h, qk_scale,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr,
+    ws_pc, ws_h, qk_scale, window, cap_in, cap_out,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PARTIAL: tl.constexpr, REST_P: tl.constexpr,
 ):
-    """One work item x one K/V head: partial softmax of its queries over its key chunk."""
-    HALF: tl.constexpr = HEAD_DIM // 2
+    """One work item x one K/V head: partial softmax of its queries over its key chunk.
+
+    HALF: half the rotary dims (HEAD_DIM // 2 unless PARTIAL). Feature flags (all off: the kernel
+    verified on the H200): WINDOW, keys below ``qstart + t - window + 1`` are masked too and the
+    chunk walk starts at the item's smallest such bound; SOFTCAP, scores (log2 units) become
+    ``cap_out * tanh(cap_in * s)`` with cap_in = scale / cap, cap_out = cap * log2(e); PARTIAL, dims
+    2 * HALF..HEAD_DIM-1 (REST_P of them padded) pass through unrotated as a third dot.
+    """
     item = tl.program_id(0)
     h = tl.program_id(1)
     if item >= tl.load(count_ptr):
@@ -340,6 +375,16 @@ def _partial_kernel(
     sin = tl.load(trig + HALF, mask=qmask, other=0.0)
     q1r = (q1 * cos - q2 * sin).to(DOT_DTYPE)
     q2r = (q2 * cos + q1 * sin).to(DOT_DTYPE)
+    if PARTIAL:  # the dims past the rotary ones, unrotated
+        offs_r = tl.arange(0, REST_P)
+        rmask = offs_r < HEAD_DIM - 2 * HALF
+        q3 = tl.load(q_ptr + q_row[:, None] + (2 * HALF + offs_r[None, :]) * stride_qd,
+                     mask=valid[:, None] & rmask[None, :], other=0.0).to(DOT_DTYPE)
+    if WINDOW:  # first key each row sees; the walk starts at the item's smallest
+        lo = qstart + t - window + 1
+        n_start = tl.maximum(k0, tl.min(tl.where(valid, lo, k1), 0))
+    else:
+        n_start = k0
 
     offs_d = tl.arange(0, D_P)
     dmask = offs_d < HEAD_DIM
@@ -348,7 +393,7 @@ def _partial_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_P], tl.float32)
-    for n0 in range(k0, k1, BLOCK_N):
+    for n0 in range(n_start, k1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_chunk = offs_n < k1
         page = tl.load(pages_ptr + page_base + offs_n // PAGE, mask=in_chunk, other=0)
@@ -359,8 +404,20 @@ def _partial_kernel(
         kt2 = tl.load(k_ptrs + HALF, mask=kmask, other=0.0).to(DOT_DTYPE)
         s = tl.dot(q1r, kt1, input_precision=PRECISION)
         s = tl.dot(q2r, kt2, s, input_precision=PRECISION)
+        if PARTIAL:
+            kt3 = tl.load(k_head + slot[None, :] * stride_ks + 2 * HALF + offs_r[:, None],
+                          mask=rmask[:, None] & in_chunk[None, :], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(q3, kt3, s, input_precision=PRECISION)
         seen = (offs_n[None, :] <= hi[:, None]) & in_chunk[None, :]
-        s = tl.where(seen, s * qk_scale, float("-inf"))
+        if WINDOW:
+            seen = seen & (offs_n[None, :] >= lo[:, None])
+        if SOFTCAP:  # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no overflow, no cancellation near 0
+            x = s * cap_in
+            e = tl.exp2(-2.8853900817779268 * tl.abs(x))
+            th = (1.0 - e) / (1.0 + e)
+            s = tl.where(seen, tl.where(x < 0, -th, th) * cap_out, float("-inf"))
+        else:
+            s = tl.where(seen, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing stay at 0
         p = tl.exp2(s - m_ref[:, None])
@@ -380,16 +437,18 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, pc_pair_ptr, stats_ptr, T,
+    m_ptr, l_ptr, acc_ptr, rows_ptr, pc_tlo_ptr, out_ptr, pc_pair_ptr, stats_ptr, sinks_ptr, T,
     stride_ob, stride_ot, stride_oh, ws_pc, ws_h, q_heads,
     HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PC_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
-    COLLAB: tl.constexpr,
+    COLLAB: tl.constexpr, SINKS: tl.constexpr,
 ):
     """One row x query head x BLOCK_T tokens: log-sum-exp merge of the row's pcs, PC_BLOCK at a time.
 
     COLLAB: also add each pc's share of the merged mass, ``l * 2**(m - M) / L``, divided by the
     heads and the row's tokens, to its pair's entry of ``stats`` (float32 [pairs]; ``pc_pair``:
-    int32 [pcs], each pc's pair): one atomic add per (pc, program)."""
+    int32 [pcs], each pc's pair): one atomic add per (pc, program). SINKS: the head's sink logit
+    (``sinks``: [q_heads], natural-log units) starts the merge as one more term, m = sink * log2(e)
+    and l = 1 with no value: it only adds to the denominator (the shares then sum to < 1)."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -398,8 +457,12 @@ def _merge_kernel(
     start = tl.load(rows_ptr + b * 3).to(tl.int64)  # int64: pc * ws_pc may pass 2**31
     end = tl.load(rows_ptr + b * 3 + 1).to(tl.int64)
     real = offs_t < tl.load(rows_ptr + b * 3 + 2)  # padding tokens (and rows) read nothing: zeros
-    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_T], tl.float32)
+    if SINKS:
+        m_run = tl.zeros([BLOCK_T], tl.float32) + tl.load(sinks_ptr + hq).to(tl.float32) * 1.4426950408889634
+        l_run = tl.full([BLOCK_T], 1.0, tl.float32)
+    else:
+        m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        l_run = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, D_P], tl.float32)
     for p0 in range(start, end, PC_BLOCK):
         pc = p0 + tl.arange(0, PC_BLOCK)
@@ -440,7 +503,8 @@ _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.flo
 
 def triton_attention(
     query: torch.Tensor, layer_keys: torch.Tensor, layer_values: torch.Tensor, meta: DeviceMeta, scaling: float,
-    shares: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shares: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None,
+    sinks: torch.Tensor | None = None, softcap: float | None = None, table: int = 0,
 ) -> torch.Tensor:
     """Concurrent attention of a pass's rows over their views (two launches, capture-safe).
 
@@ -448,8 +512,12 @@ def triton_attention(
     the T capacity); layer_keys, layer_values: [kv_heads, slots, D] one layer of the pool (last
     dim contiguous); scaling: softmax scale; shares: (pc_pair int32 [pcs], this layer's float32
     [pairs] row of ``AttentionStats.stats``) to also add each pair's share of its row's attention
-    (collab_stats), or None. Returns out [B, T, Hq, D] in query's dtype, zeros at padding. On CPU
-    tensors (Triton's interpreter) tiles are computed in fp32.
+    (collab_stats), or None. The layer's extras (``layer_options``; None: not used, and the kernels
+    are the plain ones): window, a sliding window W (a query at view position p sees keys in
+    (p - W, p]); sinks, [Hq] sink logits; softcap, scores become ``softcap * tanh(score / softcap)``;
+    table, the layer's RoPE table (``cache.layer_rope[layer]``). Partial rotary comes from the
+    metadata (``meta.rotary`` < D). Returns out [B, T, Hq, D] in query's dtype, zeros at padding. On
+    CPU tensors (Triton's interpreter) tiles are computed in fp32.
     """
     B, Hq, T, D = query.shape
     Hkv = layer_keys.shape[0]
@@ -461,25 +529,38 @@ def triton_attention(
                          f"within the capacities {meta.caps}")
     if layer_keys.stride(-1) != 1 or layer_values.stride(-1) != 1:
         raise ValueError("the K/V pool's last dimension must be contiguous")
+    if not 0 <= table < meta.tables:
+        raise ValueError(f"RoPE table {table} of a pass built with {meta.tables}")
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    if sinks is not None and (sinks.numel() != Hq or sinks.device != query.device):
+        raise ValueError(f"sinks must be [{Hq}] on {query.device}, got {tuple(sinks.shape)} on {sinks.device}")
     dot_dtype = tl.float32 if query.device.type == "cpu" else _DOT_DTYPES[layer_keys.dtype]
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
     D_P = triton.next_power_of_2(D)
+    half, rest = meta.rotary // 2, D - meta.rotary
+    cap_in, cap_out = (scaling / softcap, softcap * _LOG2E) if softcap else (1.0, 1.0)
     ws_pc, ws_h = meta.m.stride(0), meta.m.stride(1)
     _partial_kernel[(meta.caps["items"], Hkv)](
-        query, layer_keys, layer_values, meta.count, meta.items, meta.pairs, meta.pages, meta.trig,
+        query, layer_keys, layer_values, meta.count, meta.items, meta.pairs, meta.pages, meta.trig[table],
         meta.m, meta.l, meta.acc,
         *query.stride(), layer_keys.stride(0), layer_keys.stride(1), layer_values.stride(0), layer_values.stride(1),
-        ws_pc, ws_h, scaling * _LOG2E,
-        GROUPS=meta.groups, HEAD_DIM=D, HALF_P=max(16, triton.next_power_of_2(D // 2)), D_P=D_P, PAGE=meta.page_size,
+        ws_pc, ws_h, scaling * _LOG2E, window or 0, cap_in, cap_out,
+        GROUPS=meta.groups, HEAD_DIM=D, HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), D_P=D_P,
+        PAGE=meta.page_size,
         BLOCK_M=meta.block_m, BLOCK_N=max(16, min(64, 1 << (meta.chunk.bit_length() - 1))),
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4, num_stages=2,  # fastest on an H200 (vs 8 warps, 3)
+        DOT_DTYPE=dot_dtype, PRECISION=precision, WINDOW=window is not None, SOFTCAP=bool(softcap),
+        PARTIAL=rest > 0, REST_P=max(16, triton.next_power_of_2(max(rest, 1))),
+        num_warps=4, num_stages=2,  # fastest on an H200 (vs 8 warps, 3)
     )
     out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
     pc_pair, layer_stats = shares if shares is not None else (meta.rows, meta.rows)  # not read without COLLAB
     block_t = min(16, triton.next_power_of_2(T))  # a merge tile holds 16 (pc, token) pairs
     _merge_kernel[(B, Hq, triton.cdiv(T, block_t))](
-        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, pc_pair, layer_stats, T,
+        meta.m, meta.l, meta.acc, meta.rows, meta.pc_tlo, out, pc_pair, layer_stats,
+        meta.rows if sinks is None else sinks.contiguous(), T,  # sinks: not read without SINKS
         out.stride(0), out.stride(1), out.stride(2), ws_pc, ws_h, Hq,
-        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16 // block_t, BLOCK_T=block_t, COLLAB=shares is not None, num_warps=4,
+        HEAD_DIM=D, D_P=D_P, PC_BLOCK=16 // block_t, BLOCK_T=block_t, COLLAB=shares is not None,
+        SINKS=sinks is not None, num_warps=4,
     )
     return out
