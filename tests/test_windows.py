@@ -137,3 +137,34 @@ def test_move_prefix_rotates_each_layer_with_its_own_table(tables):
         assert torch.allclose(kept, rotate_by(keys[layer, :, 9:], table[layer], -4), atol=1e-5)
     if "partial" in tables:  # the dims past the rotary part never change
         assert torch.equal(cache.read(history, 1, 9)[0][..., 48:], keys[1, :, :9, 48:])
+
+
+@settings(max_examples=24, deadline=None)
+@given(
+    seed=st.integers(0, 10_000), workers=st.integers(1, 4), window=st.sampled_from([None, 1, 2, 5, 17, 64]),
+    sinks=st.booleans(), softcap=st.sampled_from([None, 2.0]), tables=st.sampled_from(list(TABLES)),
+    layer=st.integers(0, 1), layout=st.sampled_from([(16, 16), (16, 64)]),
+)
+def test_triton_equals_reference_with_windows_sinks_softcap_and_tables(seed, workers, window, sinks, softcap, tables,
+                                                                       layer, layout, device):
+    """The triton kernels (Triton's interpreter on the CPU) with each layer's extras equal the spec:
+    16-key chunks put windows across chunk boundaries (whole chunks hidden from every query of an item)."""
+    from hogwild.layers.triton_attention import DeviceMeta, build_meta, triton_attention
+
+    chunk, block_m = layout
+    plan, query, key, news = random_pass(seed, workers, torch.float32, 20, device, TABLES[tables])
+    cache = plan.cache
+    options = dict(sliding_window=window, softcap=softcap)
+    if sinks:
+        options["s_aux"] = torch.randn(KV_HEADS * GROUPS, generator=torch.Generator().manual_seed(seed)).to(device) * 2
+    host = build_meta(plan.rows, plan.T, GROUPS, cache.page_size, cache.host_rope_tables, chunk, block_m,
+                      cache.head_dim)
+    meta = DeviceMeta.from_host(host, KV_HEADS * GROUPS, device)
+    out = triton_attention(query, cache.keys[layer], cache.values[layer], meta, SCALE, window=window,
+                           sinks=options.get("s_aux"), softcap=softcap, table=cache.layer_rope[layer])
+    ref = attend(reference_attention, plan, query, key, layer, **options)
+    for i, n in enumerate(news):
+        a, b = out[i, :n], ref[i, :n]
+        assert float((a - b).norm() / b.norm()) < 1e-5, (i, float((a - b).norm() / b.norm()))
+        assert not out[i, n:].any()  # padding tokens: zeros
+    assert torch.isfinite(out).all()
