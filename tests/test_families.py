@@ -6,6 +6,8 @@ The references run transformers' eager attention: it is the one that implements 
 extras (sinks, soft-capping), and sdpa is not offered for some of them (Gemma 2).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from test_engine import PROMPT, byte_tokenizer, greedy_loop, greedy_reference
@@ -20,6 +22,7 @@ from transformers import (
 )
 
 from hogwild import InputError, Runner, generate, load_model
+from hogwild.model import TRITON_FEATURES
 
 WINDOW = 16
 TINY = dict(
@@ -88,8 +91,21 @@ def test_family_one_worker_and_independent_workers_equal_transformers(name, devi
         assert worker.token_ids == greedy_loop(loaded, prompt + prefix, 40, "eager")
 
 
+@pytest.mark.parametrize("name", ["mistral-window", "gpt_oss", "gemma2", "gemma3_text", "phi3-partial"])
+def test_family_one_worker_with_triton_equals_transformers(name, device, tmp_path):
+    """The triton backend (Triton's interpreter on the CPU: fewer tokens) runs every family's extras:
+    windows, sinks, soft-capping, per-layer and partial RoPE."""
+    loaded = tiny_family(name, tmp_path, device)
+    runner = Runner.for_model(loaded, "triton")
+    assert runner.attention == "triton"
+    prompt = loaded.tokenizer(PROMPT, add_special_tokens=False).input_ids
+    n = 16 if device.type == "cpu" else 48
+    result = generate(runner, prompt, [[]], "independent", max_new_tokens=n)
+    assert result.workers[0].token_ids == greedy_reference(loaded, prompt, n, "eager")
+
+
 def test_family_features_and_backend_choice(device, tmp_path):
-    """What each family needs is read from its config; triton refuses it by name, auto picks torch."""
+    """What each family needs is read from its config; triton runs all of it and refuses any other by name."""
     expected = {
         "mistral-window": ("sliding windows",),
         "gemma3_text": ("sliding windows", "per-layer RoPE tables"),
@@ -101,9 +117,11 @@ def test_family_features_and_backend_choice(device, tmp_path):
     for name, features in expected.items():
         loaded = tiny_family(name, tmp_path / name, device)
         assert loaded.features == features
-        if features:
-            with pytest.raises(InputError, match=f"triton backend does not support {features[0]}"):
-                Runner.for_model(loaded, "triton")
+        assert set(features) <= set(TRITON_FEATURES)
+    unknown = dataclasses.replace(loaded, features=("sliding windows", "some future extra"))
+    with pytest.raises(InputError, match="triton backend does not support some future extra yet"):
+        Runner.for_model(unknown, "triton")
+    assert Runner.for_model(unknown, "auto").attention == "torch"
 
 
 @pytest.mark.parametrize("name, dropped", [("mistral-window", 0), ("gemma3_text", 0), ("gpt_oss", 1), ("gemma2", 2)])
