@@ -102,6 +102,10 @@ def test_family_one_worker_with_triton_equals_transformers(name, device, tmp_pat
     n = 16 if device.type == "cpu" else 48
     result = generate(runner, prompt, [[]], "independent", max_new_tokens=n)
     assert result.workers[0].token_ids == greedy_reference(loaded, prompt, n, "eager")
+    prefixes = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in [" First,", ""]]
+    result = generate(runner, prompt, prefixes, "independent", max_new_tokens=n // 2)  # a shared prompt: merges
+    for prefix, worker in zip(prefixes, result.workers, strict=True):
+        assert worker.token_ids == greedy_loop(loaded, prompt + prefix, n // 2, "eager")
 
 
 def test_family_features_and_backend_choice(device, tmp_path):
