@@ -102,7 +102,7 @@ def test_solve_transcript_equals_one_process(tiny_models, case):
             *model_args]
     one, many = both(args, ranks)
     for out in (one, many):
-        out.pop("elapsed_s")
+        out.pop("elapsed_s"), out.pop("timings")  # wall times differ, everything else must not
     assert one["forward_passes"] == 6 and all(w["text"] for w in one["workers"])
     assert many == one
 
@@ -215,7 +215,8 @@ def children(pid: int) -> dict[int, int]:
 
 
 def test_a_killed_rank_ends_the_run_with_an_error(tiny_models):
-    args = ["generate", "--prompt", "hi", "--max-new-tokens", "100000", "--json", "--model", tiny_models["llama"]]
+    # 2 workers x 1900 tokens fit the 4096 positions and take minutes: the rank dies mid-run
+    args = ["generate", "--prompt", "hi", "--max-new-tokens", "1900", "--json", "--model", tiny_models["llama"]]
     proc = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(HOGWILD_TP_TIMEOUT="10"))
     try:
