@@ -89,6 +89,16 @@ PARTS = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_
                                         "text": ODD_TEXT | JUNK}), max_size=3)
 
 
+def _child(node, part):
+    """``node[part]`` where the path still leads somewhere (a dict, or a non-empty list indexed by
+    an int), else None: an earlier mutation may have replaced a parent by junk of any type."""
+    if isinstance(node, dict):
+        return node.setdefault(part, {})
+    if isinstance(node, list) and node and isinstance(part, int):
+        return node[part]
+    return None
+
+
 @st.composite
 def requests(draw) -> tuple[dict, bool]:
     """A valid request with 0 to 3 of its fields replaced by junk (or removed); and whether it
@@ -99,9 +109,9 @@ def requests(draw) -> tuple[dict, bool]:
         *parents, key = path
         node = body
         for part in parents:  # an earlier mutation may have put junk on the way
-            node = node.setdefault(part, {}) if isinstance(node, dict) else node[part] if node else None
-        if not (isinstance(node, dict) or isinstance(node, list) and node):
-            continue
+            node = _child(node, part)
+        if not (isinstance(node, dict) or isinstance(node, list) and node and isinstance(key, int)):
+            continue  # junk on the way: nothing left to mutate at this path
         value = draw(st.one_of(JUNK, PARTS, st.just(DELETE)) if key == "content" else st.one_of(JUNK, st.just(DELETE)))
         if value is DELETE:
             node.pop(key, None) if isinstance(node, dict) else node.pop(key)
