@@ -758,7 +758,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1,
                    help="runs in flight at once, all their workers in one forward pass (faster; more memory)")
     p.add_argument("--collab-stats", action="store_true",
-                   help="record attention shares every pass: summary and collaboration.png (passes run eagerly)")
+                   help="record attention shares every pass: summary and collaboration.png")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: eval-results/DATASET)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_arguments(p)

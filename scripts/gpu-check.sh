@@ -6,9 +6,11 @@
 # writes bench.json after every cell, and the cells done when it is cut off).
 #   1. exactness on the GPU: both attention backends against the reference (fp32, bf16), the fused
 #      kernel on random layouts, one worker against transformers' greedy decoding on tiny Llama,
-#      Mistral, Qwen2 and Qwen3 models with torch (eager) and triton (CUDA graphs);
-#   2. the benchmark on a random-weight model shaped like Qwen2.5-7B, bf16: hogwild-triton (graphs),
-#      hogwild-torch (eager) and transformers eager, N = 1, 2, 4, 8 and
+#      Mistral, Qwen2 and Qwen3 models with torch (eager) and triton (CUDA graphs), the lean
+#      decoder's fused kernels against torch and its passes against transformers' modules (fp32, bf16);
+#   2. the benchmark on a random-weight model shaped like Qwen2.5-7B, bf16: hogwild-triton (graphs,
+#      lean decoder), hogwild-triton-modules (graphs, transformers' modules), hogwild-torch (eager) and
+#      transformers eager, N = 1, 2, 4, 8 and
 #      L = 32736, 8192, 2048 (longest first: a timeout cuts the short cells; 32736 leaves room for the
 #      decoded tokens in 32768 positions), with a torch.profiler trace of each method; then
 #      hogwild-triton against transformers compiled (StaticCache + torch.compile) at L = 8192;
@@ -36,7 +38,7 @@ torch.cuda.is_available() else "cpu")'
 
 phase "exactness tests"
 tests=(tests/test_attention.py tests/test_triton_attention.py
-       tests/test_engine.py::test_tiny_architectures_one_worker_equals_greedy
+       tests/test_engine.py::test_tiny_architectures_one_worker_equals_greedy tests/test_lean.py
        tests/test_collaboration.py::test_identical_keys_share_by_length
        tests/test_collaboration.py::test_backends_agree_and_rows_sum_to_one)
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/tests.log" \
@@ -45,7 +47,7 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider "${tests
 phase benchmark
 timeout -s INT "${BENCH_TIMEOUT:-170}" python3 -m hogwild.cli bench --random-config "$preset" --device "$device" \
     --dtype "$dtype" --workers "${WORKERS:-8,4,2,1}" --context "${CONTEXT:-32736,8192,2048}" \
-    --steps "${STEPS:-10}" --warmup 3 --methods "${METHODS:-hogwild-triton,hogwild-torch,transformers}" \
+    --steps "${STEPS:-10}" --warmup 3 --methods "${METHODS:-hogwild-triton,hogwild-triton-modules,hogwild-torch,transformers}" \
     --profile --out "$out/bench" 2>&1 | tee "$out/bench.log" \
     || echo "BENCHMARK FAILED OR TIMED OUT (see $out/bench.log); going on"
 

@@ -58,11 +58,36 @@ def test_static_buffers_equal_eager_passes(tmp_path):
     for want, have in zip(expected, got, strict=True):
         assert have.shape == want.shape
         assert float((have - want).abs().max()) < 1e-5 * float(want.abs().max())
-    assert sorted(static.graphs.buckets) == [(1, 64), (2, 64), (4, 64)]  # rows rounded up to a bucket
-    bucket = static.graphs.buckets[(4, 64)]
+    assert sorted(static.graphs.buckets) == [(1, 64, False), (2, 64, False), (4, 64, False)]  # rows rounded up
+    bucket = static.graphs.buckets[(4, 64, False)]
     buffers = bucket.static.meta.buffer.data_ptr(), bucket.static.slot_mapping.data_ptr()
     decode_passes(static, prompt_ids, blocks)  # refilled in place: the same memory, as a captured graph needs
     assert (bucket.static.meta.buffer.data_ptr(), bucket.static.slot_mapping.data_ptr()) == buffers
+
+
+def test_static_buffers_carry_attention_statistics(tmp_path):
+    """Decode passes with collab_stats over static buffers (what their own CUDA graphs replay) give
+    the shares of eager passes; a bucket used again starts its statistics from zero."""
+    model = tiny_model("qwen2-yarn", tmp_path, "cpu")
+    prompt_ids = model.tokenizer("A shared prompt. " * 16, add_special_tokens=False).input_ids
+    runs = []
+    for graphs in (False, True):
+        runner = Runner.for_model(model, "triton", kv_memory=32 << 20, graphs=graphs)
+        cache = runner.cache
+        prompt = cache.new_block("prompt", capacity=len(prompt_ids))
+        runner.prefill([prompt], prompt_ids)
+        a, b = cache.new_block("a"), cache.new_block("b")
+        shares = []
+        for views in [[(a,), (b,)], [(b, a), (a, b)], [(a, b)], [(b, a), (a, b)]]:
+            runner.forward([WorkerStep([7], [prompt, *view]) for view in views], collab_stats=True)
+            shares.append(runner.shares)
+        runs.append((runner, shares))
+    (_, eager), (static, replayed) = runs
+    assert sorted(static.graphs.buckets) == [(1, 64, True), (2, 64, True)]
+    for want_rows, have_rows in zip(eager, replayed, strict=True):
+        for want, have in zip(want_rows, have_rows, strict=True):
+            torch.testing.assert_close(have.sum(1), torch.ones(model.num_layers), atol=1e-5, rtol=0)
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=0)
 
 
 def scripted_solve(engine: Engine, script: list[int], budget: int) -> tuple[Result, list[torch.Tensor]]:

@@ -71,12 +71,14 @@ def test_bench_cpu_methods_json_and_files(tmp_path, capsys):
 
 
 def test_bench_triton_and_compiled_methods(tmp_path, capsys):
-    """hogwild-triton (Triton's interpreter here) and transformers-compiled (StaticCache and
+    """hogwild-triton (Triton's interpreter here; the lean decoder, and transformers' modules as
+    hogwild-triton-modules) and transformers-compiled (StaticCache and
     torch.compile; the eager backend checks the capture without generating code) on GQA 7: one
     compiled graph serves every N and L."""
     out = tmp_path / "bench"
     argv = ["bench", "--random-config", "tiny-qwen2-gqa7", "--methods",
-            "hogwild-triton,transformers,transformers-compiled", "--compile-backend", "eager", "--workers", "1,2",
+            "hogwild-triton,hogwild-triton-modules,transformers,transformers-compiled", "--compile-backend", "eager",
+            "--workers", "1,2",
             "--context", "12", "--steps", "1", "--warmup", "1", "--out", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out
@@ -87,7 +89,8 @@ def test_bench_triton_and_compiled_methods(tmp_path, capsys):
     for cell in result["cells"]:
         N, res = cell["workers"], cell["results"]
         assert all(r["status"] == "ok" for r in res.values())
-        assert res["hogwild-triton"]["max_abs_logit_diff"] < 1e-4
+        assert res["hogwild-triton"]["max_abs_logit_diff"] < 1e-4  # the lean decoder
+        assert res["hogwild-triton-modules"]["max_abs_logit_diff"] < 1e-4  # transformers' modules
         assert res["transformers-compiled"]["max_abs_logit_diff"] < 1e-4
         assert "vs_transformers_compiled" in res["transformers"] and "vs_transformers" in res["transformers-compiled"]
         compiled = res["transformers-compiled"]

@@ -28,6 +28,7 @@ from ..model import LoadedModel
 from .methods import (
     HOGWILD_BACKENDS,
     METHODS,
+    RUNNER_OPTIONS,
     STATS_SUFFIX,
     CompiledCall,
     Decoder,
@@ -253,9 +254,8 @@ def build_methods(model: LoadedModel, config: BenchConfig) -> tuple[dict, dict[s
                     readers = sum(HOGWILD_BACKENDS.get(m) == backend for m in config.methods)
                     kv_memory = config.kv_memory or pool_bytes(model, config, readers)
                     try:
-                        prompts[backend] = HogwildPrompt(
-                            Runner.for_model(model, attention=backend, kv_memory=kv_memory), config.prefill_chunk
-                        )
+                        runner = Runner.for_model(model, kv_memory=kv_memory, **RUNNER_OPTIONS[backend])
+                        prompts[backend] = HogwildPrompt(runner, config.prefill_chunk)
                     except Exception as exc:
                         prompts[backend] = exc
                 prompt = prompts[backend]

@@ -6,13 +6,15 @@ decoder per cell (N workers over that prompt, their first token fed, untimed). A
 synchronised; it feeds back the greedy tokens.
 
 - ``hogwild-triton`` / ``hogwild-torch``: ``Runner.forward`` with that attention backend (triton
-  replays CUDA graphs on CUDA); the prompt is one block, each worker writes its own block and
-  sees ``[prompt, own]``;
+  replays CUDA graphs on CUDA and runs the lean decoder where the model allows it); the prompt is
+  one block, each worker writes its own block and sees ``[prompt, own]``;
+- ``hogwild-triton-modules``: the triton backend inside transformers' own decoder modules (no lean
+  decoder; graphs on CUDA): what the fused per-layer kernels save, side by side;
 - ``materialize``: the same state on the torch runner, every pass ``reference=True`` (each view
   copied with its keys re-rotated, every layer);
 - ``hogwild-triton+stats`` / ``hogwild-torch+stats`` (``--collab-stats``): the same runner as the
   method without the suffix, every pass ``collab_stats=True`` (attention shares per row and view
-  entry, copied to the host after the pass; on CUDA such passes run eagerly, not as graphs);
+  entry, copied to the host after the pass; on CUDA graphs of their own);
 - ``transformers``: batched decoding of N rows that each hold the prompt (``DynamicCache``, sdpa);
 - ``transformers-compiled``: the same rows in a ``StaticCache``, the decode call compiled once with
   ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=True)`` (CUDA graphs on CUDA;
@@ -38,12 +40,15 @@ from ..model import LoadedModel, ordinary_attention
 log = logging.getLogger(__name__)
 
 #: Every method, in table order.
-METHODS = ("hogwild-triton", "hogwild-triton+stats", "hogwild-torch", "hogwild-torch+stats", "transformers",
-           "transformers-compiled", "materialize")
-#: Attention backend of each hogwild method's runner (materialize and the +stats methods share the
-#: runner of their backend).
-HOGWILD_BACKENDS = {"hogwild-triton": "triton", "hogwild-triton+stats": "triton", "hogwild-torch": "torch",
+METHODS = ("hogwild-triton", "hogwild-triton+stats", "hogwild-triton-modules", "hogwild-torch", "hogwild-torch+stats",
+           "transformers", "transformers-compiled", "materialize")
+#: The runner of each hogwild method (materialize and the +stats methods share the runner of their
+#: backend), and each runner's ``Runner.for_model`` options.
+HOGWILD_BACKENDS = {"hogwild-triton": "triton", "hogwild-triton+stats": "triton",
+                    "hogwild-triton-modules": "triton-modules", "hogwild-torch": "torch",
                     "hogwild-torch+stats": "torch", "materialize": "torch"}
+RUNNER_OPTIONS = {"triton": dict(attention="triton"), "triton-modules": dict(attention="triton", lean=False),
+                  "torch": dict(attention="torch")}
 #: The collaboration-statistics variant of each method that has one (``--collab-stats``).
 STATS_SUFFIX = "+stats"
 STATS_VARIANTS = {"hogwild-triton": "hogwild-triton+stats", "hogwild-torch": "hogwild-torch+stats"}

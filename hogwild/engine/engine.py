@@ -86,7 +86,7 @@ class Engine:
         """Solve ``problem``, yielding events as they happen; the last one is a DoneEvent.
 
         collab_stats: a CollabEvent per pass (where each worker's attention went) and the run's
-        average in ``Result.collaboration["attention"]``; decode passes then run eagerly (no CUDA graphs).
+        average in ``Result.collaboration["attention"]`` (decode passes replay CUDA graphs of their own).
 
         Raises InputError (a HogwildError) at once for bad input. Closing the iterator early
         frees the session's cache blocks; ``gen.throw(KeyboardInterrupt)`` ends the run and returns

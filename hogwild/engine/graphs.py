@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..layers.attention import PAD_SLOT, TRITON_CHUNK, StaticBuffers, triton_block_m
+from ..layers.attention import PAD_SLOT, TRITON_CHUNK, PassPlan, StaticBuffers, triton_block_m
 from ..layers.triton_attention import DeviceMeta
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,11 @@ def bucket(n: int, sizes) -> int | None:
 
 
 class Bucket:
-    """One captured decode pass of ``rows`` rows and ``items`` work items: its static buffers,
-    its graph and its output (logits [rows, vocab] float32)."""
+    """One captured decode pass of ``rows`` rows and ``items`` work items, with or without
+    attention statistics (``collab_stats``): its static buffers, its graph and its output (logits
+    [rows, vocab] float32)."""
 
-    def __init__(self, runner, rows: int, items: int):
+    def __init__(self, runner, rows: int, items: int, collab_stats: bool = False):
         model, cache = runner.model, runner.cache
         device = model.device
         self.rows, self.items = rows, items
@@ -52,12 +53,16 @@ class Bucket:
             rotary=2 * cache.host_inv_freq.shape[-1], tables=len(cache.host_rope_tables),
         )
         self.static = StaticBuffers(torch.full((rows,), PAD_SLOT, dtype=torch.long, device=device), meta)
+        if collab_stats:
+            self.static.stats = torch.zeros(model.num_layers, meta.caps["pairs"], device=device)
+            self.static.pc_pair = torch.zeros(meta.caps["pcs"], dtype=torch.int32, device=device)
+        self.collab_stats = collab_stats
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def fill(self, runner, steps) -> None:
         """Plan the pass into the static buffers (host work plus a few host-to-device copies)."""
-        plan = runner.plan(steps, static=self.static)
+        plan = runner.plan(steps, static=self.static, collab_stats=self.collab_stats)
         ids = [s.token_ids[0] for s in steps] + [0] * (self.rows - len(steps))
         positions = [row.start for row in plan.rows] + [0] * (self.rows - len(steps))
         self.input_ids.copy_(torch.tensor(ids)[:, None], non_blocking=True)
@@ -66,11 +71,7 @@ class Bucket:
 
     def run(self, runner) -> torch.Tensor:
         """The decode pass over the static buffers (what the graph captures)."""
-        from .runner import PassCache
-
-        pass_cache = PassCache(self.plan)
-        hidden = runner.model.hidden_states(self.input_ids, self.position_ids, pass_cache, self.plan)
-        runner.check_written(pass_cache)
+        hidden = runner.hidden_states(self.input_ids, self.position_ids, self.plan)
         return runner.model.logits(hidden[:, -1])
 
 
@@ -91,20 +92,25 @@ class DecodeGraphs:
             return False
         return all(len(s.view) <= MAX_ENTRIES for s in steps)
 
-    def forward(self, steps) -> torch.Tensor:
-        """One decode pass by graph replay: logits [len(steps), vocab] float32."""
+    def forward(self, steps, collab_stats: bool = False) -> tuple[torch.Tensor, PassPlan]:
+        """One decode pass by graph replay: logits [len(steps), vocab] float32, and the pass's plan
+        (with collab_stats, its ``stats`` hold the pass's attention shares once the replay is done;
+        such passes have graphs of their own)."""
         rows = bucket(len(steps), ROW_BUCKETS)
         items = bucket(self.items_bound(steps), [64 << i for i in range(20)])
-        entry = self.buckets.get((rows, items))
+        key = (rows, items, collab_stats)
+        entry = self.buckets.get(key)
         if entry is None:
-            entry = self.buckets[(rows, items)] = Bucket(self.runner, rows, items)
+            entry = self.buckets[key] = Bucket(self.runner, rows, items, collab_stats)
         entry.fill(self.runner, steps)
         if not self.capture:
-            return entry.run(self.runner)[: len(steps)]
+            return entry.run(self.runner)[: len(steps)], entry.plan
         if entry.graph is None:
             self._capture(entry)
+            if collab_stats:  # the warm-up passes added to the statistics: this pass's start from zero
+                entry.static.stats.zero_()
         entry.graph.replay()
-        return entry.logits[: len(steps)].clone()
+        return entry.logits[: len(steps)].clone(), entry.plan
 
     def items_bound(self, steps) -> int:
         """At least the work items ``build_meta`` makes for a decode pass: per block read, its key

@@ -7,6 +7,7 @@ come from different sessions, as long as each block is written by at most one of
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
 from ..layers.attention import BACKENDS, PassPlan, Row, StaticBuffers, ViewEntry
 from ..model import TRITON_FEATURES, LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,13 +129,21 @@ class Runner:
     """Runs forward passes of a model over a shared cache and returns next-token logits.
 
     attention: the backend of every pass ("torch", "triton" or "reference"); graphs: replay
-    decode passes (one new token per row) as CUDA graphs (triton on CUDA only).
+    decode passes (one new token per row) as CUDA graphs (triton on CUDA only); lean: run the
+    triton backend's passes through ``LeanDecoder`` (fused per-layer kernels) instead of
+    transformers' modules.
     """
 
-    def __init__(self, model: LoadedModel, cache: SharedCache, attention: str = "torch", graphs: bool = False):
+    def __init__(self, model: LoadedModel, cache: SharedCache, attention: str = "torch", graphs: bool = False,
+                 lean: bool = False):
         self.model = model
         self.cache = cache
         self.attention = attention
+        self.lean = None
+        if lean:
+            from ..layers.lean import LeanDecoder
+
+            self.lean = LeanDecoder(model)
         self.forward_passes = 0
         self.shares: list[torch.Tensor] | None = None  # the last pass's attention shares (collab_stats)
         self.graphs = None
@@ -143,9 +154,16 @@ class Runner:
 
     @classmethod
     def for_model(
-        cls, model: LoadedModel, attention: str = "auto", kv_memory: int | None = None, graphs: bool | None = None
+        cls, model: LoadedModel, attention: str = "auto", kv_memory: int | None = None, graphs: bool | None = None,
+        lean: bool | None = None,
     ) -> Runner:
-        """A runner with a fresh cache of ``kv_memory`` bytes (default: ``default_kv_memory``)."""
+        """A runner with a fresh cache of ``kv_memory`` bytes (default: ``default_kv_memory``).
+
+        lean: the lean decoder for the triton backend (default: where the model allows it,
+        ``lean_refusal``); True where it cannot run is an InputError.
+        """
+        from ..layers.lean import lean_refusal
+
         asked, attention = attention, resolve_attention(attention, model.device)
         unsupported = [f for f in model.features if f not in TRITON_FEATURES]
         if attention == "triton" and unsupported:  # features the triton kernels do not run: torch only
@@ -161,7 +179,14 @@ class Runner:
             graphs = attention == "triton" and model.device.type == "cuda"
         if model.tp is not None:  # tensor parallel: the other ranks mirror this pool; graphs not captured yet
             cache, graphs = model.tp.lead_cache(cache, attention), False
-        return cls(model, cache, attention, graphs)
+        refusal = lean_refusal(model) if attention == "triton" else "it runs with the triton backend only"
+        if lean and refusal:
+            raise InputError(f"the lean decoder cannot run {model.name}: {refusal}")
+        if lean is None:
+            lean = refusal is None
+            if attention == "triton" and refusal:
+                log.info("triton attention inside transformers' modules (no lean decoder: %s)", refusal)
+        return cls(model, cache, attention, graphs, lean)
 
     def plan(self, steps: list[WorkerStep], reference: bool = False, static: StaticBuffers | None = None,
              collab_stats: bool = False) -> PassPlan:
@@ -175,12 +200,14 @@ class Runner:
         """One pass. Returns the logits after each worker's last new token: [len(steps), vocab].
 
         collab_stats: also set ``self.shares`` to each row's attention shares, float32 [layers,
-        view entries] on the host (read once after the pass; such passes run eagerly, not as graphs);
-        otherwise ``self.shares`` is None.
+        view entries] on the host (read once after the pass; decode passes replay graphs of their
+        own); otherwise ``self.shares`` is None.
         """
         self.shares = None
-        if self.graphs is not None and not reference and not collab_stats and self.graphs.fits(steps):
-            logits = self.graphs.forward(steps)
+        if self.graphs is not None and not reference and self.graphs.fits(steps):
+            logits, plan = self.graphs.forward(steps, collab_stats)
+            if collab_stats:
+                self.shares = plan.stats.row_shares(plan.rows)
         else:
             logits = self._eager(steps, reference, collab_stats)
         for step in steps:  # only now, with every layer written, do the tokens count as held
@@ -197,13 +224,22 @@ class Runner:
         for i, (step, row) in enumerate(zip(steps, plan.rows, strict=True)):
             input_ids[i, : row.n_new] = torch.tensor(step.token_ids)
             position_ids[i] = row.start + torch.arange(T)  # local positions in the own block
-        pass_cache = PassCache(plan)
-        hidden = self.model.hidden_states(input_ids.to(device), position_ids.to(device), pass_cache, plan)
-        self.check_written(pass_cache)
+        hidden = self.hidden_states(input_ids.to(device), position_ids.to(device), plan)
         last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
         if plan.stats is not None:
             self.shares = plan.stats.row_shares(plan.rows)
         return self.model.logits(hidden[torch.arange(B, device=device), last])
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan: PassPlan) -> torch.Tensor:
+        """The decoder over one planned pass: input_ids, position_ids [B, T] on the device -> last
+        hidden states [B, T, hidden] (the lean decoder on the triton backend where it runs)."""
+        pass_cache = PassCache(plan)
+        if self.lean is not None and plan.backend == "triton":
+            hidden = self.lean.hidden_states(input_ids, position_ids, plan, pass_cache.layers_written)
+        else:
+            hidden = self.model.hidden_states(input_ids, position_ids, pass_cache, plan)
+        self.check_written(pass_cache)
+        return hidden
 
     def synchronize(self) -> None:
         """Wait for the device to finish the passes queued so far (for timings; no-op on the CPU)."""

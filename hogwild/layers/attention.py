@@ -171,11 +171,15 @@ def by_reader_rows(blocks: list[list[tuple[int, ViewEntry]]]) -> list[list[list[
 class StaticBuffers:
     """Device buffers that a captured (CUDA graph) pass reads, refilled in place before each replay.
 
-    slot_mapping: [rows * T] long; meta: the triton backend's ``DeviceMeta`` of the same rows.
+    slot_mapping: [rows * T] long; meta: the triton backend's ``DeviceMeta`` of the same rows;
+    for passes with attention statistics (collab_stats), stats: float32 [layers, pair capacity]
+    (zeroed before each pass) and pc_pair: int32 [pc capacity] (see ``AttentionStats``).
     """
 
     slot_mapping: torch.Tensor
     meta: object
+    stats: torch.Tensor | None = None
+    pc_pair: torch.Tensor | None = None
 
 
 @dataclass
@@ -276,7 +280,7 @@ class PassPlan:
                 static.meta.fill(host)
                 self.triton = static.meta
             if collab_stats:
-                self.stats = self._triton_stats(host)
+                self.stats = self._triton_stats(host, static)
             return
         if backend == "reference":
             if collab_stats:
@@ -316,10 +320,10 @@ class PassPlan:
         self.token_weight = (real / n_new[:, None]).to(device)
         return AttentionStats(torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs)
 
-    def _triton_stats(self, host) -> AttentionStats:
-        """The triton backend's stats buffer: pairs in ``build_meta``'s order, each pc's pair, and
-        each layer's K pool pointer. A pair's entry is the one at offset ``own - (qstart - start)``
-        among the row's non-empty entries (their offsets differ)."""
+    def _triton_stats(self, host, static: StaticBuffers | None) -> AttentionStats:
+        """The triton backend's stats buffer: pairs in ``build_meta``'s order and each pc's pair (in
+        the static buffers of a captured pass, refilled in place). A pair's entry is the one at
+        offset ``own - (qstart - start)`` among the row's non-empty entries (their offsets differ)."""
         row, qstart, pc0, chunks = host.pairs[:, 0], host.pairs[:, 2], host.pairs[:, 4], host.pairs[:, 5]
         pairs = []
         for r, q in zip(row.tolist(), qstart.tolist(), strict=True):
@@ -330,9 +334,14 @@ class PassPlan:
         for p, (first, n) in enumerate(zip(pc0.tolist(), chunks.tolist(), strict=True)):
             pc_pair[first : first + n] = p
         device = self.cache.device
-        return AttentionStats(
-            torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs, torch.from_numpy(pc_pair).to(device)
-        )
+        if static is None:
+            return AttentionStats(torch.zeros(self.cache.num_layers, len(pairs), device=device), pairs,
+                                  torch.from_numpy(pc_pair).to(device))
+        if static.stats is None or static.pc_pair is None:
+            raise ValueError("these static buffers hold no attention statistics (a bucket made without collab_stats)")
+        static.stats.zero_()
+        static.pc_pair[: len(pc_pair)].copy_(torch.from_numpy(pc_pair), non_blocking=True)
+        return AttentionStats(static.stats[:, : len(pairs)], pairs, static.pc_pair)
 
     def _group(self, cluster: list[list[tuple[int, ViewEntry]]], deltas: list[int], device) -> Group:
         """One group reading the blocks of ``cluster`` (each: the pairs that read one block)."""
