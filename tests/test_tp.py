@@ -276,3 +276,69 @@ def test_server_under_torchrun(tiny_models):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def test_eval_under_torchrun_equals_one_process(tiny_models, tmp_path):
+    """``eval`` on 2 ranks: the same rows (answers, tokens, passes) as one process, greedy."""
+    rows = {}
+    for name in ("one", "tp"):
+        out = tmp_path / name
+        args = ["eval", "--dataset", str(Path(__file__).parent / "data" / "tiny.jsonl"), "--budgets", "4,8",
+                "--workers", "2", "--layouts", "combined", "--baselines", "single", "--temperature", "0",
+                "--out", str(out), "--json", "--model", tiny_models["llama"]]
+        done = hogwild(args) if name == "one" else run(torchrun_cmd(2, args))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["n"] == 3
+        lines = (out / "results.jsonl").read_text().splitlines()
+        rows[name] = sorted(({k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines),
+                            key=lambda r: (r["id"], r["method"], r["budget"]))
+    assert len(rows["one"]) == 3 * 2 * 2  # problems x methods x budgets
+    assert rows["tp"] == rows["one"]
+
+
+def test_server_answers_503_when_a_rank_dies(tiny_models):
+    """A follower killed mid-stream: the stream ends with an error chunk and [DONE], /health and new
+    requests get 503 (with Retry-After) while rank 0 shuts down, and the run exits within seconds."""
+    port = free_port()
+    args = ["serve", "--port", str(port), "--model", tiny_models["llama"]]
+    proc = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(HOGWILD_TP_TIMEOUT="10"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500, "temperature": 0,
+                "stream": True, "hogwild": {"workers": 2}}
+        lines, killed = [], None
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                lines += [line] if line else []
+                if len(lines) == 10 and killed is None:  # decoding: kill the follower
+                    os.kill(children(proc.pid)[1], signal.SIGKILL)
+                    killed = time.monotonic()
+        assert killed is not None and time.monotonic() - killed < 30
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][len("data: "):])["error"]
+        assert "tensor-parallel rank is gone" in error["message"] and error["code"] == "engine_failed"
+        try:  # rank 0 is shutting down: a refusal in OpenAI's shape, or no server any more
+            late = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10)
+            assert late.status_code == 503 and late.headers["retry-after"]
+            assert "tensor-parallel rank is gone" in late.json()["error"]["message"]
+        except httpx.ConnectError:
+            pass
+        proc.communicate(timeout=60)
+        assert time.monotonic() - killed < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0

@@ -241,6 +241,19 @@ class Runner:
         self.check_written(pass_cache)
         return hidden
 
+    def ranks_alive(self) -> bool:
+        """Under tensor parallelism, whether every rank still answers (a ping to the followers; a
+        lost rank also calls the group's failure hook, as the server sets it); True without it."""
+        if self.model.tp is None:
+            return True
+        from ..distributed import TPError
+
+        try:
+            self.model.tp.send(("ping",))
+        except TPError:
+            return False
+        return True
+
     def synchronize(self) -> None:
         """Wait for the device to finish the passes queued so far (for timings; no-op on the CPU)."""
         if self.model.device.type == "cuda":

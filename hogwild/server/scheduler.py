@@ -411,6 +411,9 @@ class Scheduler:
             logits = runner.forward(rows, collab_stats=any(job.session.config.collab_stats for job, _ in batch))
             shares = runner.shares  # now: a finisher's pass in ``advance`` resets it
         except Exception:
+            if not runner.ranks_alive():  # a tensor-parallel rank is gone: the failure hook ended every request
+                log.exception("a pass failed with a tensor-parallel rank gone")
+                return
             if len(batch) == 1:
                 return self._fail_pass(batch[0][0])
             # Isolate the session at fault: nothing was committed, so each one may retry alone.
