@@ -244,23 +244,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_under_torchrun(tiny_models):
+def start_server(model: str, tp_timeout: int) -> tuple[subprocess.Popen, str]:
+    """``serve`` on 2 ranks, once its /health answers 200: the torchrun process and the URL."""
     port = free_port()
-    args = ["serve", "--port", str(port), "--model", tiny_models["llama"]]
+    args = ["serve", "--port", str(port), "--model", model]
     proc = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(HOGWILD_TP_TIMEOUT="20"))
+                            env=env(HOGWILD_TP_TIMEOUT=str(tp_timeout)))
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            raise AssertionError(f"the server did not come up: {proc.communicate()[1][-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def test_server_under_torchrun(tiny_models):
+    proc, url = start_server(tiny_models["llama"], tp_timeout=20)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         time.sleep(6)  # idle for longer than the followers' ping interval (timeout / 4)
         body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 4, "temperature": 0,
                 "hogwild": {"workers": 2}}
@@ -299,22 +306,8 @@ def test_eval_under_torchrun_equals_one_process(tiny_models, tmp_path):
 def test_server_answers_503_when_a_rank_dies(tiny_models):
     """A follower killed mid-stream: the stream ends with an error chunk and [DONE], /health and new
     requests get 503 (with Retry-After) while rank 0 shuts down, and the run exits within seconds."""
-    port = free_port()
-    args = ["serve", "--port", str(port), "--model", tiny_models["llama"]]
-    proc = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(HOGWILD_TP_TIMEOUT="10"))
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(tiny_models["llama"], tp_timeout=10)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500, "temperature": 0,
                 "stream": True, "hogwild": {"workers": 2}}
         lines, killed = [], None
