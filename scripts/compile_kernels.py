@@ -103,8 +103,10 @@ def attention_launches(dtype: torch.dtype) -> None:
 
 
 def lean_launches(dtype: torch.dtype) -> None:
-    """The lean decoder's fused kernels at decode and prefill sizes (Qwen2.5-7B, SmolLM2 shapes)."""
-    for tokens, hidden, inter, hq, hkv, d in [(4, 3584, 18944, 28, 4, 128), (512, 576, 1536, 9, 3, 64)]:
+    """The lean decoder's fused kernels at decode and prefill sizes (Qwen2.5-7B, SmolLM2 and
+    Phi-4-mini shapes: partial rotary, fused gate/up halves)."""
+    for tokens, hidden, inter, hq, hkv, d, rotary in [(4, 3584, 18944, 28, 4, 128, 128), (512, 576, 1536, 9, 3, 64, 64),
+                                                      (4, 3072, 8192, 24, 8, 128, 96)]:
         x = torch.empty(tokens, hidden, dtype=dtype, device=META)
         weight = torch.empty(hidden, dtype=dtype, device=META)
         rms_norm(x, weight, 1e-6)
@@ -113,11 +115,12 @@ def lean_launches(dtype: torch.dtype) -> None:
         rms_norm(heads, torch.empty(d, dtype=dtype, device=META), 1e-6)
         qkv = torch.empty(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=META)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
-        trig = torch.empty(tokens, d, dtype=dtype, device=META)
+        trig = torch.empty(tokens, rotary, dtype=dtype, device=META)
         pool = torch.empty(hkv, 1 << 20, d, dtype=dtype, device=META)
         rope_store(q, k, v, trig, trig, torch.empty(tokens, dtype=torch.long, device=META), pool, pool)
         gate = torch.empty(tokens, inter, dtype=dtype, device=META)
         silu_mul(gate, torch.empty_like(gate))
+        silu_mul(*torch.empty(tokens, 2 * inter, dtype=dtype, device=META).chunk(2, dim=-1))
 
 
 def main() -> int:

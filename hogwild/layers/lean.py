@@ -8,9 +8,10 @@ About 13 kernels per layer instead of about 40, which is what a decode step repl
 graph pays for (``docs/performance.md``). No causal mask is built: the pass plan is the mask.
 
 Families: ``llama`` (and SmolLM2, Llama-3, DeepSeek-R1-Distill-Llama), ``mistral``, ``qwen2``
-(Qwen2.5, QwQ, DeepSeek-R1-Distill-Qwen) and ``qwen3`` (its per-head q/k norms), with SiLU MLPs
-and plain causal attention over one RoPE table (no window, sinks, soft-cap, per-layer or
-partial RoPE). Other models run transformers' modules with the same attention kernels.
+(Qwen2.5, QwQ, DeepSeek-R1-Distill-Qwen), ``qwen3`` (its per-head q/k norms) and ``phi3`` (Phi-4,
+Phi-4-reasoning, Phi-4-mini: fused q/k/v and gate/up projections, partial rotary), with SiLU MLPs
+and causal attention over one RoPE table (no window, sinks, soft-cap or per-layer RoPE). Other
+models run transformers' modules with the same attention kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from .triton_attention import triton_attention
 log = logging.getLogger(__name__)
 
 #: Model types whose decoder layers are Llama-shaped (pre-norm RMSNorm, q/k/v/o projections, gated MLP).
-LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+#: Attention features (``LoadedModel.features``) the lean decoder runs.
+LEAN_FEATURES = ("partial rotary",)
 
 
 def lean_refusal(model) -> str | None:
@@ -33,8 +36,9 @@ def lean_refusal(model) -> str | None:
     config = model.model.config
     if config.model_type not in LEAN_MODEL_TYPES:
         return f"model type {config.model_type!r} is not one of {', '.join(LEAN_MODEL_TYPES)}"
-    if model.features:
-        return f"it needs {', '.join(model.features)}"
+    other = [f for f in model.features if f not in LEAN_FEATURES]
+    if other:
+        return f"it needs {', '.join(other)}"
     if getattr(config, "hidden_act", None) != "silu":
         return f"its MLP activation is {getattr(config, 'hidden_act', None)!r}, not silu"
     if model.tp is not None:
@@ -42,8 +46,10 @@ def lean_refusal(model) -> str | None:
     decoder = model.model.get_decoder()
     for layer in decoder.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        parts = [(layer, "input_layernorm"), (layer, "post_attention_layernorm"), (mlp, "gate_proj"), (mlp, "up_proj"),
-                 (mlp, "down_proj"), *((attention, f"{x}_proj") for x in "qkvo")]
+        projections = ["qkv_proj"] if hasattr(attention, "qkv_proj") else ["q_proj", "k_proj", "v_proj"]
+        gated = ["gate_up_proj"] if hasattr(mlp, "gate_up_proj") else ["gate_proj", "up_proj"]
+        parts = [(layer, "input_layernorm"), (layer, "post_attention_layernorm"), (mlp, "down_proj"),
+                 (attention, "o_proj"), *((attention, x) for x in projections), *((mlp, x) for x in gated)]
         missing = [name for owner, name in parts if not hasattr(owner, name)]
         if missing:
             return f"its decoder layers lack {', '.join(missing)}"
@@ -65,6 +71,9 @@ class LeanDecoder:
         self.layers = list(self.decoder.layers)
         self.head_dim = model.head_dim
         self.scaling = model.scaling
+        config = model.model.config
+        # Columns of a fused q/k/v projection (Phi-3): this model's query and K/V widths.
+        self.qkv_split = [config.num_attention_heads * self.head_dim] + 2 * [config.num_key_value_heads * self.head_dim]
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan, written: set[int]
                       ) -> torch.Tensor:
@@ -78,7 +87,7 @@ class LeanDecoder:
         B, T = input_ids.shape
         x = decoder.embed_tokens(input_ids)  # [B, T, hidden]
         cos, sin = decoder.rotary_emb(x, position_ids)  # [B, T, D] each, in x's dtype
-        cos, sin = cos.reshape(B * T, D), sin.reshape(B * T, D)
+        cos, sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)  # [B*T, R]: R < D with partial rotary
         x = x.reshape(B * T, -1)
         residual = x.clone()  # the residual stream, updated in place by each fused norm
         for i, layer in enumerate(self.layers):
@@ -86,7 +95,10 @@ class LeanDecoder:
             index = attention.layer_idx
             norm = layer.input_layernorm  # after the first layer: the MLP's output joins the residual first
             h = rms_norm(x, norm.weight, norm.variance_epsilon, residual if i else None)
-            q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+            if hasattr(attention, "qkv_proj"):  # Phi-3: one projection, split into strided views
+                q, k, v = attention.qkv_proj(h).split(self.qkv_split, dim=1)
+            else:
+                q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm of each head before RoPE
                 q = rms_norm(q.view(-1, D), attention.q_norm.weight, attention.q_norm.variance_epsilon).view(B * T, -1)
                 k = rms_norm(k.view(-1, D), attention.k_norm.weight, attention.k_norm.variance_epsilon).view(B * T, -1)
@@ -99,6 +111,10 @@ class LeanDecoder:
             x = attention.o_proj(out.view(B * T, -1))
             norm = layer.post_attention_layernorm
             h = rms_norm(x, norm.weight, norm.variance_epsilon, residual)
-            x = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate and up halves of one projection
+                gate, up = mlp.gate_up_proj(h).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = mlp.down_proj(silu_mul(gate, up))
         norm = decoder.norm
         return rms_norm(x, norm.weight, norm.variance_epsilon, residual).view(B, T, -1)

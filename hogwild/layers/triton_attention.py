@@ -19,11 +19,12 @@ Launch 1, ``_partial_kernel``, grid (item capacity, kv_heads), 4 warps: tile row
 (pair, group member, token) of the item, BLOCK_M = ``block_m`` >= 16 of them (padding masked).
 Each row's query is rotated by its pair's cos/sin in fp32, split in halves so that the scores are
 ``q1' k1^T + q2' k2^T``; the chunk is walked in BLOCK_N = 64-key tiles (fewer for chunks under
-64) gathered through the page table; online softmax in exp2 with the scale folded in; m, l, acc go
-to the pc workspace. Launch 2, ``_merge_kernel``, grid (rows, q_heads, cdiv(T, BLOCK_T)): merges
-a row's pcs in (PC_BLOCK pcs x BLOCK_T tokens) = 16 tiles (16 x 1 for decode, 1 x 16 for
-prefill), skipping (pc, token) pairs whose token does not reach the chunk, and writes
-out[b, t, hq, :]; padding tokens and rows get zeros. Dots run in the K/V dtype with fp32
+64, and 32 where a 64-key tile would pass 32 KB: fp32 at head_dim 256) gathered through the page
+table; online softmax in exp2 with the scale folded in; m, l, acc go to the pc workspace.
+Launch 2, ``_merge_kernel``, grid (rows, q_heads, cdiv(T, BLOCK_T)): merges a row's pcs in
+(PC_BLOCK pcs x BLOCK_T tokens) = 16 tiles (16 x 1 for decode, 1 x 16 for prefill), skipping
+(pc, token) pairs whose token does not reach the chunk, and writes out[b, t, hq, :]; padding
+tokens and rows get zeros. Dots run in the K/V dtype with fp32
 accumulation (fp32 inputs: IEEE, not TF32); on CPU tensors (the interpreter) every tile is
 converted to fp32 first.
 
@@ -541,6 +542,9 @@ def triton_attention(
     half, rest = meta.rotary // 2, D - meta.rotary
     cap_in, cap_out = (scaling / softcap, softcap * _LOG2E) if softcap else (1.0, 1.0)
     ws_pc, ws_h = meta.m.stride(0), meta.m.stride(1)
+    block_n = max(16, min(64, 1 << (meta.chunk.bit_length() - 1)))
+    while block_n > 16 and block_n * D_P * layer_keys.element_size() > 32 << 10:  # fp32 at head_dim 256: the
+        block_n //= 2  # double-buffered K/V tiles must fit an A100's shared memory (scripts/compile_kernels.py)
     _partial_kernel[(meta.caps["items"], Hkv)](
         query, layer_keys, layer_values, meta.count, meta.items, meta.pairs, meta.pages, meta.trig[table],
         meta.m, meta.l, meta.acc,
@@ -548,7 +552,7 @@ def triton_attention(
         ws_pc, ws_h, scaling * _LOG2E, window or 0, cap_in, cap_out,
         GROUPS=meta.groups, HEAD_DIM=D, HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), D_P=D_P,
         PAGE=meta.page_size,
-        BLOCK_M=meta.block_m, BLOCK_N=max(16, min(64, 1 << (meta.chunk.bit_length() - 1))),
+        BLOCK_M=meta.block_m, BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype, PRECISION=precision, WINDOW=window is not None, SOFTCAP=bool(softcap),
         PARTIAL=rest > 0, REST_P=max(16, triton.next_power_of_2(max(rest, 1))),
         num_warps=4, num_stages=2,  # fastest on an H200 (vs 8 warps, 3)
