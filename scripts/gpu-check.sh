@@ -11,8 +11,8 @@
 #   2. the benchmark on a random-weight model shaped like Qwen2.5-7B, bf16: hogwild-triton (graphs,
 #      lean decoder), hogwild-triton-modules (graphs, transformers' modules), hogwild-torch (eager) and
 #      transformers eager, N = 1, 2, 4, 8 and
-#      L = 32736, 8192, 2048 (longest first: a timeout cuts the short cells; 32736 leaves room for the
-#      decoded tokens in 32768 positions), with a torch.profiler trace of each method; then
+#      L = 8192, 32736, 2048 (the goals' context first, then the longest: a timeout cuts the short
+#      cells; 32736 leaves room for the decoded tokens in 32768 positions), with a torch.profiler trace of each method; then
 #      hogwild-triton against transformers compiled (StaticCache + torch.compile) at L = 8192;
 #   3. `hogwild solve` end to end on the same random model (worker tokens/s over a 512-pass run).
 # Usage: scripts/gpu-check.sh [OUT_DIR] (default gpu-results). A CPU dry run (tiny model, small grid):
@@ -46,7 +46,7 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider "${tests
 
 phase benchmark
 timeout -s INT "${BENCH_TIMEOUT:-170}" python3 -m hogwild.cli bench --random-config "$preset" --device "$device" \
-    --dtype "$dtype" --workers "${WORKERS:-8,4,2,1}" --context "${CONTEXT:-32736,8192,2048}" \
+    --dtype "$dtype" --workers "${WORKERS:-8,4,2,1}" --context "${CONTEXT:-8192,32736,2048}" \
     --steps "${STEPS:-10}" --warmup 3 --methods "${METHODS:-hogwild-triton,hogwild-triton-modules,hogwild-torch,transformers}" \
     --profile --out "$out/bench" 2>&1 | tee "$out/bench.log" \
     || echo "BENCHMARK FAILED OR TIMED OUT (see $out/bench.log); going on"
