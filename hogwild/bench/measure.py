@@ -26,7 +26,7 @@ from ..engine.runner import Runner
 from ..errors import CacheFullError, ContextOverflowError, InputError
 from ..model import LoadedModel
 from .methods import (
-    HOGWILD_BACKENDS,
+    HOGWILD_RUNNERS,
     METHODS,
     RUNNER_OPTIONS,
     STATS_SUFFIX,
@@ -248,10 +248,10 @@ def build_methods(model: LoadedModel, config: BenchConfig) -> tuple[dict, dict[s
             broken[name] = MethodResult("skipped", reason)
             continue
         try:
-            if name in HOGWILD_BACKENDS:
-                backend = HOGWILD_BACKENDS[name]
+            if name in HOGWILD_RUNNERS:
+                backend = HOGWILD_RUNNERS[name]
                 if backend not in prompts:
-                    readers = sum(HOGWILD_BACKENDS.get(m) == backend for m in config.methods)
+                    readers = sum(HOGWILD_RUNNERS.get(m) == backend for m in config.methods)
                     kv_memory = config.kv_memory or pool_bytes(model, config, readers)
                     try:
                         runner = Runner.for_model(model, kv_memory=kv_memory, **RUNNER_OPTIONS[backend])
@@ -279,11 +279,11 @@ def tp_refusal(model: LoadedModel, name: str, names: tuple[str, ...]) -> str | N
     ranks that never run it)."""
     if model.tp is None:
         return None
-    if name not in HOGWILD_BACKENDS:
+    if name not in HOGWILD_RUNNERS:
         return ("not under --tp: the other ranks mirror only hogwild passes, not transformers' own forward "
                 "(its all-reduces would wait for them); compare with a run of one process")
-    first = next(HOGWILD_BACKENDS[m] for m in names if m in HOGWILD_BACKENDS)
-    if HOGWILD_BACKENDS[name] != first:
+    first = next(HOGWILD_RUNNERS[m] for m in names if m in HOGWILD_RUNNERS)
+    if HOGWILD_RUNNERS[name] != first:
         return (f"not under --tp with the {first} backend in the same run: the other ranks mirror one runner "
                 f"at a time; run it in a bench of its own")
     return None

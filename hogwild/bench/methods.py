@@ -44,7 +44,7 @@ METHODS = ("hogwild-triton", "hogwild-triton+stats", "hogwild-triton-modules", "
            "transformers", "transformers-compiled", "materialize")
 #: The runner of each hogwild method (materialize and the +stats methods share the runner of their
 #: backend), and each runner's ``Runner.for_model`` options.
-HOGWILD_BACKENDS = {"hogwild-triton": "triton", "hogwild-triton+stats": "triton",
+HOGWILD_RUNNERS = {"hogwild-triton": "triton", "hogwild-triton+stats": "triton",
                     "hogwild-triton-modules": "triton-modules", "hogwild-torch": "torch",
                     "hogwild-torch+stats": "torch", "materialize": "torch"}
 RUNNER_OPTIONS = {"triton": dict(attention="triton"), "triton-modules": dict(attention="triton", lean=False),

@@ -16,14 +16,10 @@ models run transformers' modules with the same attention kernels.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .fused import rms_norm, rope_store, silu_mul
 from .triton_attention import triton_attention
-
-log = logging.getLogger(__name__)
 
 #: Model types whose decoder layers are Llama-shaped (pre-norm RMSNorm, q/k/v/o projections, gated MLP).
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
