@@ -12,7 +12,8 @@
 #      lean decoder), hogwild-triton-modules (graphs, transformers' modules), hogwild-torch (eager) and
 #      transformers eager, N = 1, 2, 4, 8 and
 #      L = 8192, 32736, 2048 (the goals' context first, then the longest: a timeout cuts the short
-#      cells; 32736 leaves room for the decoded tokens in 32768 positions), with a torch.profiler trace of each method; then
+#      cells; 32736 leaves room for the decoded tokens in 32768 positions), with a torch.profiler
+#      trace of each method; then
 #      hogwild-triton against transformers compiled (StaticCache + torch.compile) at L = 8192;
 #   3. `hogwild solve` end to end on the same random model (worker tokens/s over a 512-pass run).
 # Usage: scripts/gpu-check.sh [OUT_DIR] (default gpu-results). A CPU dry run (tiny model, small grid):

@@ -96,8 +96,8 @@ def test_bench_triton_and_compiled_methods(tmp_path, capsys):
         compiled = res["transformers-compiled"]
         assert compiled["kv_bytes"] == N * 13 * bpt
         assert compiled["kv_allocated_bytes"] == N * (12 + 1 + 1 + 1) * bpt  # a static cache of L + decoded tokens
-    assert result["compile"] == {"backend": "eager", "mode": None, "size_oblivious": True, "graphs": 1,
-                                 "cudagraph_skips": 0}
+    assert result["compile"] == {"backend": "eager", "mode": None, "size_oblivious": True, "shapes": "dynamic",
+                                 "graphs": 1, "cudagraph_skips": 0}
 
 
 def test_bench_collab_stats_side_by_side(tmp_path, capsys):
@@ -145,8 +145,9 @@ def test_stats_decoder_reads_shares_that_sum_to_one():
         "materialize", "hogwild-triton", "hogwild-triton+stats", "transformers")
 
 
-def test_compiled_falls_back_to_plain_dynamic_shapes(monkeypatch):
-    """Where size-oblivious tracing fails, the compiled call recompiles with plain dynamic shapes."""
+def test_compiled_falls_back_to_static_shapes(monkeypatch):
+    """Where size-oblivious tracing fails, the compiled call recompiles with static shapes, and
+    afresh for a cell of other shapes."""
     from transformers import StaticCache
 
     model = random_model("tiny-qwen2")
@@ -156,10 +157,16 @@ def test_compiled_falls_back_to_plain_dynamic_shapes(monkeypatch):
 
     monkeypatch.setattr(torch._dynamo, "mark_static", fails)
     call = methods.CompiledCall(model, backend="eager")
-    cache = StaticCache(config=model.model.config, max_cache_len=8)
     with torch.no_grad(), ordinary_attention(model.model):
-        logits = call(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]), cache)
-    assert logits.shape == (2, 1, 1024) and call.oblivious is False
+        logits = call(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]),
+                      StaticCache(config=model.model.config, max_cache_len=8))
+        assert logits.shape == (2, 1, 1024) and call.oblivious is False and call.static is True
+        first = call.fn
+        call.new_shapes()  # the next cell: one row, a longer cache
+        assert call.fn is not first
+        longer = StaticCache(config=model.model.config, max_cache_len=12)
+        logits = call(torch.tensor([[5]]), torch.tensor([[0]]), longer)
+    assert logits.shape == (1, 1, 1024)
 
 
 def test_bench_full_pool_is_skipped_not_a_crash(tmp_path, capsys):

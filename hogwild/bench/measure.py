@@ -476,11 +476,13 @@ def measure_context(model: LoadedModel, methods: dict, broken: dict, prompt_ids:
 
 def compile_stats(config: BenchConfig, methods: dict) -> dict:
     """torch.compile's facts for transformers-compiled: backend, mode, whether the batch size was
-    traced size-obliviously (one graph), graphs compiled, CUDA-graph skips."""
+    traced size-obliviously (one graph) or shapes are static (compiled per cell), graphs compiled
+    (since the last recompile), CUDA-graph skips."""
     compiled = getattr(methods.get("transformers-compiled"), "compiled", None)
     stats: dict = {
         "backend": config.compile_backend, "mode": "reduce-overhead" if config.compile_backend == "inductor" else None,
         "size_oblivious": getattr(compiled, "oblivious", None),
+        "shapes": None if compiled is None else "static, compiled per cell" if compiled.static else "dynamic",
     }
     try:
         from torch._dynamo.utils import counters

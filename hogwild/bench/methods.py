@@ -16,9 +16,9 @@ synchronised; it feeds back the greedy tokens.
   method without the suffix, every pass ``collab_stats=True`` (attention shares per row and view
   entry, copied to the host after the pass; on CUDA graphs of their own);
 - ``transformers``: batched decoding of N rows that each hold the prompt (``DynamicCache``, sdpa);
-- ``transformers-compiled``: the same rows in a ``StaticCache``, the decode call compiled once with
-  ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=True)`` (CUDA graphs on CUDA;
-  see ``CompiledCall``).
+- ``transformers-compiled``: the same rows in a ``StaticCache``, the decode call compiled with
+  ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs on CUDA): once with
+  dynamic shapes, or per cell with static ones where that fails (see ``CompiledCall``).
 
 The transformers methods prefill the prompt once, as one row, and copy its K/V into each cell's
 N rows: N identical rows would compute the same K/V N times.
@@ -266,29 +266,42 @@ class CompiledCall:
     Shapes are dynamic, so one graph serves every context and worker count: the batch size is
     traced size-obliviously (``backed_size_oblivious``, the new-token dimension static), else
     N = 1 would get a graph of its own (a second compilation of the whole model). Where that
-    option is missing or its compilation fails, plain ``dynamic=True`` takes over (two graphs)."""
+    option is missing or its compilation fails (torch 2.11's inductor did, on an H200), the call
+    falls back to static shapes (``static``): compiled afresh for each cell (``new_shapes``), the
+    most common way users compile and the quickest compile; plain dynamic shapes did not finish
+    compiling a 7B model in minutes."""
 
     def __init__(self, model: LoadedModel, backend: str = "inductor"):
         self.model = model
         self.backend = backend
         self.oblivious = hasattr(torch.fx.experimental._config, "backed_size_oblivious")
+        self.static = not self.oblivious
         self.compiled_once = False
         self.fn = self.compile()
 
     def compile(self):
-        options: dict = dict(fullgraph=True, dynamic=True)
+        options: dict = dict(fullgraph=True, dynamic=not self.static)
         if self.backend == "inductor":
             options["mode"] = "reduce-overhead"
         else:
             options["backend"] = self.backend
         return torch.compile(self.model.model.__call__, **options)
 
+    def new_shapes(self) -> None:
+        """A cell with other shapes starts. With static shapes, compile afresh: a recompile would
+        otherwise count against dynamo's recompile limit (past it, the call runs eagerly)."""
+        if self.static and self.compiled_once:
+            torch._dynamo.reset()
+            self.fn = self.compile()
+
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
         """input_ids, position_ids: [N, 1] -> logits [N, 1, vocab] (CUDA-graph memory: copy them)."""
         kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         kwargs[self.model.cache_argument] = cache
-        if not self.oblivious:
-            return self.fn(**kwargs).logits
+        if self.static:
+            logits = self.fn(**kwargs).logits
+            self.compiled_once = True
+            return logits
         try:
             for t in (input_ids, position_ids):
                 torch._dynamo.mark_static(t, 1)
@@ -298,8 +311,8 @@ class CompiledCall:
             if self.compiled_once:
                 raise
             log.warning("transformers-compiled: size-oblivious compilation failed (%s: %s); compiling with "
-                        "plain dynamic shapes", type(exc).__name__, str(exc).split("\n")[0][:200])
-            self.oblivious = False
+                        "static shapes, once per cell", type(exc).__name__, str(exc).split("\n")[0][:200])
+            self.oblivious, self.static = False, True
             torch._dynamo.reset()
             self.fn = self.compile()
             return self(input_ids, position_ids, cache)
@@ -368,6 +381,7 @@ class CompiledDecoder(Decoder):
     def __init__(self, prompt: TransformersPrompt, workers: int, compiled: CompiledCall, extra_tokens: int):
         model = self.model = prompt.model
         self.compiled = compiled
+        compiled.new_shapes()
         self.length = len(prompt.prompt_ids)
         self.cache = StaticCache(config=model.model.config, max_cache_len=self.length + extra_tokens)
         for layer, keys, values in prompt.rows(workers):  # the first update allocates the layer: [N, ...]
