@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import CacheFullError
-from .layers.rope import rotate_by
+from .layers.rope import RotationRows, rotate_by
 
 
 @dataclass(eq=False)
@@ -107,6 +107,7 @@ class SharedCache:
         self.rope_tables = [t.to(device) for t in self.host_rope_tables]
         self.inv_freq = self.rope_tables[0]  # the table of layer 0 (the only one unless per-layer)
         self.host_inv_freq = self.host_rope_tables[0]
+        self.rotation_rows = RotationRows(self.host_rope_tables)  # the triton backend's query rotations, kept
         self.dtype = dtype
         self.device = torch.device(device)
         self.page_size = page_size

@@ -151,7 +151,7 @@ class BenchResult:
     methods: list[str]
     cells: list[Cell]
     warmup_s: dict[str, float] = field(default_factory=dict)  # per method, compilation included
-    kv_pool_bytes: dict[str, int] = field(default_factory=dict)  # per hogwild runner (attention backend)
+    kv_pool_bytes: dict[str, int] = field(default_factory=dict)  # per hogwild runner (HOGWILD_RUNNERS)
     tp: int = 1  # tensor-parallel ranks (--tp); K/V bytes are then rank 0's: its share of the K/V heads
     compile: dict | None = None
     profile: dict | None = None
@@ -423,7 +423,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
                  else model.model.config.vocab_size)
         methods, broken = build_methods(model, config)
         result.kv_pool_bytes = {
-            m.prompt.runner.attention: m.prompt.runner.cache.pool_nbytes() for m in methods.values()
+            HOGWILD_RUNNERS[name]: m.prompt.runner.cache.pool_nbytes() for name, m in methods.items()
             if isinstance(m, HogwildMethod)
         }
         warmup_ids = torch.randint(0, vocab, (WARMUP_PROMPT,), generator=generator).tolist()

@@ -272,7 +272,7 @@ class PassPlan:
 
             # One rotation table per distinct RoPE table (layer l reads cache.layer_rope[l]); partial
             # rotary: the dims past 2 * len(inv_freq) pass through.
-            host = build_meta(rows, self.T, groups, cache.page_size, cache.host_rope_tables, TRITON_CHUNK,
+            host = build_meta(rows, self.T, groups, cache.page_size, cache.rotation_rows, TRITON_CHUNK,
                               triton_block_m(groups), cache.head_dim)
             if static is None:
                 self.triton = DeviceMeta.from_host(host, groups * cache.num_kv_heads, device)

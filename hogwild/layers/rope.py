@@ -12,6 +12,7 @@ other D - R dims pass through unchanged. The rotary width is always ``2 * len(in
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 #: RoPE types whose inv_freq does not depend on the current sequence length, so rotations compose.
@@ -51,3 +52,36 @@ def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, delta: int) -> torch.Tens
     """Rotate every vector of x [..., D] by the same position offset ``delta`` (first 2 * len(inv_freq) dims)."""
     cos, sin = rotation(inv_freq.to(x.device), torch.tensor(delta, device=x.device), x.dtype)
     return apply_rotation(x, cos, sin)
+
+
+class RotationRows:
+    """cos and sin of ``delta * inv_freq`` per RoPE table, for the triton backend's pass metadata.
+
+    tables: float64 [tables, R/2] (one row per distinct RoPE table). Each delta's rows are computed
+    once from float64 angles and kept (decode passes read the same deltas pass after pass; at most
+    ``keep`` are kept), so a pass pays a dictionary lookup per (row, view entry) pair.
+    """
+
+    def __init__(self, inv_freq, keep: int = 1 << 14):
+        """inv_freq: [R/2] or [tables, R/2] (tensor or array), or a list of [R/2] tables."""
+        if isinstance(inv_freq, (list, tuple)):
+            inv_freq = np.stack([np.asarray(x, dtype=np.float64) for x in inv_freq])
+        tables = np.asarray(inv_freq, dtype=np.float64)
+        self.tables = tables[None] if tables.ndim == 1 else tables
+        self.keep = keep
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __call__(self, deltas: np.ndarray) -> np.ndarray:
+        """deltas: int [n] -> float32 [tables, n, 2, R/2] (cos, sin)."""
+        deltas = deltas.tolist()
+        rows = self._rows
+        missing = sorted({d for d in deltas if d not in rows})
+        if missing:
+            if len(rows) + len(missing) > self.keep:
+                rows.clear()
+            angles = np.array(missing, dtype=np.float64)[:, None, None] * self.tables[None]  # [m, tables, R/2]
+            fresh = np.stack([np.cos(angles), np.sin(angles)], 2).astype(np.float32)  # [m, tables, 2, R/2]
+            rows.update(zip(missing, fresh, strict=True))
+        if not deltas:
+            return np.zeros((len(self.tables), 0, 2, self.tables.shape[-1]), dtype=np.float32)
+        return np.stack([rows[d] for d in deltas], 1)

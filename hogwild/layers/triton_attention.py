@@ -41,7 +41,6 @@ Room for extensions (not built):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
@@ -52,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .attention import Row
+from .rope import RotationRows
 
 #: Columns of the int32 tables (the kernels index them by these positions).
 ITEM_FIELDS = ("pair0", "pairs", "t0", "tokens", "k0", "k1", "chunk", "page_base")
@@ -96,29 +96,6 @@ class HostMeta:
         self.rotary = self.rotary or self.head_dim
 
 
-@functools.lru_cache(maxsize=8)
-def _trig_tables(inv_freq: bytes, hi_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin float64 [256 + hi_rows, D/2] of k * inv_freq for k = 0..255, then k = 256 * (0..hi_rows-1)."""
-    inv = np.frombuffer(inv_freq, dtype=np.float64)
-    k = np.concatenate([np.arange(256), 256 * np.arange(hi_rows)]).astype(np.float64)
-    angles = k[:, None] * inv[None, :]
-    return np.cos(angles), np.sin(angles)
-
-
-def rotation_table(deltas: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """cos, sin of ``deltas * inv_freq`` as float32 [n, 2, D/2], float64-exact before the cast.
-
-    deltas: int64 [n]; inv_freq: float64 [D/2]. By angle addition over cached tables
-    (d = 256 hi + lo): numpy's float64 cos costs ~20 ns a value, too much per pass.
-    """
-    mag = np.abs(deltas)
-    hi, lo = mag >> 8, mag & 255
-    cos, sin = _trig_tables(inv_freq.tobytes(), 1 << int(hi.max(initial=0)).bit_length())
-    c_lo, s_lo, c_hi, s_hi = cos[lo], sin[lo], cos[256 + hi], sin[256 + hi]
-    sign = np.sign(deltas)[:, None]
-    return np.stack([c_lo * c_hi - s_lo * s_hi, sign * (s_lo * c_hi + c_lo * s_hi)], 1).astype(np.float32)
-
-
 def build_meta(
     rows: list[Row],
     T: int,
@@ -134,17 +111,15 @@ def build_meta(
     rows: the pass's rows (``Row``, blocks with ``pages``); T: padded new tokens per row; groups:
     query heads per K/V head; page_size: tokens per pool page; inv_freq: [head_dim/2] rotary
     inverse frequencies (host tensor or array), or [tables, R/2] / a list of tables (per-layer RoPE:
-    one rotation table each); chunk: keys per work item at most; block_m: query rows per work item
+    one rotation table each), or a ``RotationRows`` over them (rotations kept from pass to pass, as
+    ``SharedCache.rotation_rows``); chunk: keys per work item at most; block_m: query rows per work item
     (a power of two >= 16 and >= groups); head_dim: D when it exceeds the rotary width R = 2 *
     len(inv_freq) (partial rotary: the last D - R dims pass through).
     """
     if block_m < 16 or block_m & (block_m - 1) or groups > block_m:
         raise ValueError(f"block_m must be a power of two >= max(16, groups), got {block_m} for {groups} groups")
-    if isinstance(inv_freq, (list, tuple)):
-        inv_freq = np.stack([np.asarray(x, dtype=np.float64) for x in inv_freq])
-    inv = np.asarray(inv_freq, dtype=np.float64)
-    tables = inv[None] if inv.ndim == 1 else inv
-    rotary = 2 * tables.shape[-1]
+    rotations = inv_freq if isinstance(inv_freq, RotationRows) else RotationRows(inv_freq)
+    rotary = 2 * rotations.tables.shape[-1]
     head_dim = head_dim or rotary
     if rotary > head_dim or rotary % 2:
         raise ValueError(f"rotary width {rotary} must be even and at most head_dim {head_dim}")
@@ -204,10 +179,9 @@ def build_meta(
         rows=np.stack([row_end - row_pcs, row_end, [row.n_new for row in rows]], 1).astype(np.int32),
         pc_tlo=pc_tlo.astype(np.int32),
         pages=np.array(pages, dtype=np.int32),
-        trig=(rotation_table(delta, tables[0]) if len(tables) == 1
-              else np.stack([rotation_table(delta, x) for x in tables])),
+        trig=rotations(delta) if len(rotations.tables) > 1 else rotations(delta)[0],
         rotary=rotary,
-        tables=len(tables),
+        tables=len(rotations.tables),
     )
 
 
