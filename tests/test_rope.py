@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from hogwild.layers.rope import apply_rotation, rotate_by, rotation
+from hogwild.layers.rope import RotationRows, apply_rotation, rotate_by, rotation
 
 ROPE_PARAMETERS = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -64,3 +64,22 @@ def test_rotations_compose():
     inv_freq = rotary("default", 64).inv_freq
     x = torch.randn(2, 7, 64, dtype=torch.float64)
     assert torch.allclose(rotate_by(rotate_by(x, inv_freq, 300), inv_freq, -120), rotate_by(x, inv_freq, 180))
+
+
+def test_rotation_rows_are_float64_angles_kept_per_delta():
+    """The triton backend's per-pair cos/sin: float64 angles cast once, per table, kept per delta."""
+    import numpy as np
+
+    tables = [1.0 / (base ** (torch.arange(0, 64, 2).double() / 64)) for base in (1e4, 1e6)]
+    rows = RotationRows(tables, keep=4)
+    deltas = np.array([8191, -3, 0, 8191, 32767])
+    got = rows(deltas)  # [tables, n, 2, R/2]
+    angles = torch.tensor(deltas, dtype=torch.float64)[None, :, None] * torch.stack(tables)[:, None, :]
+    want = torch.stack([angles.cos(), angles.sin()], 2).float()
+    assert got.shape == (2, 5, 2, 32) and got.dtype == np.float32
+    assert torch.equal(torch.from_numpy(got), want)
+    assert len(rows._rows) == 4  # one entry per distinct delta
+    fresh = RotationRows(tables)(np.array([5, 6]))
+    assert np.array_equal(rows(np.array([5, 6])), fresh)
+    assert len(rows._rows) == 2  # past ``keep``: the kept rows start over
+    assert rows(np.array([], dtype=np.int64)).shape == (2, 0, 2, 32)
