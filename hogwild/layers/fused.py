@@ -7,9 +7,11 @@ same math in one launch each:
 
 - ``rms_norm``: RMSNorm of rows, optionally after adding the residual stream (the residual add of
   the previous sub-layer, written back in place);
-- ``rope_store``: RoPE on the new queries and keys at their positions, and the keys and values
-  written into the paged K/V pool through the pass's slot mapping (the cache write);
-- ``silu_mul``: the gated MLP's ``silu(gate) * up``.
+- ``rope_store``: RoPE on the new queries and keys at their positions (partial rotary: the first R
+  dims), and the keys and values written into the paged K/V pool through the pass's slot mapping
+  (the cache write);
+- ``silu_mul``: the gated MLP's ``silu(gate) * up`` (also over the two halves of a fused gate/up
+  projection).
 
 Each rounds to the model's dtype where transformers' eager modules do (after the residual add,
 after normalising and before the weight, after each RoPE product, after SiLU), so bf16 results
