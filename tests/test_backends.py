@@ -130,3 +130,19 @@ def test_solve_same_transcript_on_both_backends(tmp_path):
     for a, b in zip(have_logits, want_logits, strict=True):
         assert float((a - b).abs().max()) < 1e-5 * float(b.abs().max())
         assert torch.equal(a.argmax(-1), b.argmax(-1))  # what greedy workers would have written
+
+
+def test_a_cpu_install_without_triton_runs_torch_and_refuses_triton():
+    """triton is a dev dependency: without it (here: its import blocked) hogwild still generates on
+    the torch backend, and ``--attention triton`` is a clear error (exit 2)."""
+    import subprocess
+    import sys
+
+    blocked = "import sys; sys.modules['triton'] = None; from hogwild.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["generate", "--prompt", "The robot", "--max-new-tokens", "3", "--json"]
+    done = subprocess.run([sys.executable, "-c", blocked, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads(done.stdout)["workers"][0]["token_ids"]) == 3
+    refused = subprocess.run([sys.executable, "-c", blocked, *argv, "--attention", "triton"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "needs the triton package" in refused.stderr

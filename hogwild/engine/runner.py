@@ -162,8 +162,6 @@ class Runner:
         lean: the lean decoder for the triton backend (default: where the model allows it,
         ``lean_refusal``); True where it cannot run is an InputError.
         """
-        from ..layers.lean import lean_refusal
-
         asked, attention = attention, resolve_attention(attention, model.device)
         unsupported = [f for f in model.features if f not in TRITON_FEATURES]
         if attention == "triton" and unsupported:  # features the triton kernels do not run: torch only
@@ -179,7 +177,11 @@ class Runner:
             graphs = attention == "triton" and model.device.type == "cuda"
         if model.tp is not None:  # tensor parallel: the other ranks mirror this pool; graphs not captured yet
             cache, graphs = model.tp.lead_cache(cache, attention), False
-        refusal = lean_refusal(model) if attention == "triton" else "it runs with the triton backend only"
+        refusal = "it runs with the triton backend only"
+        if attention == "triton":  # (the lean decoder's module needs triton: not imported otherwise)
+            from ..layers.lean import lean_refusal
+
+            refusal = lean_refusal(model)
         if lean and refusal:
             raise InputError(f"the lean decoder cannot run {model.name}: {refusal}")
         if lean is None:
