@@ -255,7 +255,6 @@ class PassPlan:
         self.backend = backend
         self.reference = backend == "reference"
         self.T = max(r.n_new for r in rows)
-        self.inv_freq = cache.host_inv_freq
         self.scaling = scaling
         device = cache.device
         slots = []
