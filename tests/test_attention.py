@@ -19,7 +19,8 @@ INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / 
 
 def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int = 20, device="cpu",
                 inv_freq: torch.Tensor = INV_FREQ):
-    """A cache of random shared blocks, views with shared and repeated blocks, new tokens padded.
+    """A cache of random shared blocks, views with shared and repeated blocks and other workers'
+    blocks (seen with the tokens they are fed in this pass), new tokens padded.
 
     Random numbers come from a CPU generator (the same on every device), then move to ``device``.
     inv_freq: [R/2] or per layer [2, R/2] (R < HEAD_DIM: partial rotary).
@@ -43,14 +44,19 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
         block = cache.new_block(f"shared{i}")
         fill(block, int(torch.randint(0, 40, (1,), generator=g)))  # may be empty
         shared.append(block)
-    steps, news = [], []
+    owns = []
     for w in range(workers):
-        own = cache.new_block(f"own{w}")
-        fill(own, int(torch.randint(0, 6, (1,), generator=g)))
+        owns.append(cache.new_block(f"own{w}"))
+        fill(owns[-1], int(torch.randint(0, 6, (1,), generator=g)))
+    steps, news = [], []
+    for w, own in enumerate(owns):
         picks = torch.randint(0, len(shared), (int(torch.randint(0, 5, (1,), generator=g)),), generator=g)
-        view = [shared[int(i)] for i in picks] + [own]  # repeats allowed
+        view = [shared[int(i)] for i in picks]  # repeats allowed
+        for other in owns:  # other workers' blocks, written in this same pass, anywhere before the own block
+            if other is not own and int(torch.randint(0, 2, (1,), generator=g)):
+                view.insert(int(torch.randint(0, len(view) + 1, (1,), generator=g)), other)
         n_new = int(torch.randint(1, 5, (1,), generator=g))
-        steps.append(WorkerStep([0] * n_new, view))
+        steps.append(WorkerStep([0] * n_new, view + [own]))
         news.append(n_new)
     plan = plan_pass(steps, cache, HEAD_DIM**-0.5, dtype, 100000, gather_below=gather_below)
     # Write the new tokens' K/V as the model's cache update would (padding never stored).

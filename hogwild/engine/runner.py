@@ -44,21 +44,17 @@ def plan_pass(
     """Lay out a pass: block offsets in each view, the lengths each worker sees, context checks,
     and room in the pool for every worker's new tokens.
 
-    Blocks are read as they were before the pass (a worker sees the others' tokens of this pass
-    only from the next pass on); the own block also shows the worker's new tokens, causally.
+    Same-pass visibility (the authors' rule): every row's new K/V are stored at each layer before
+    any row attends, so a block written in this pass is seen with its new tokens by every row that
+    reads it, and the offsets of the blocks after it shift by them; the own block is causal.
     """
-    writers: set[int] = set()
+    fed = tokens_fed(steps)
     rows = []
     for step in steps:
-        if not step.token_ids:
-            raise InputError("every worker in a pass needs at least one new token")
         own = step.view[-1]
-        if own.id in writers:
-            raise InputError(f"block {own.name!r} is written by two workers in one pass")
-        writers.add(own.id)
         entries, offset = [], 0
-        for j, block in enumerate(step.view):
-            visible = block.length + (len(step.token_ids) if j == len(step.view) - 1 else 0)
+        for block in step.view:
+            visible = block.length + fed.get(block.id, 0)
             entries.append(ViewEntry(block, offset, visible))
             offset += visible
         if offset > max_positions:
@@ -69,6 +65,26 @@ def plan_pass(
     for row in rows:  # CacheFullError here leaves only spare pages behind: nothing is written yet
         cache.reserve(row.write, row.start + row.n_new)
     return PassPlan(rows, cache, scaling, dtype, backend, groups, gather_below, static, collab_stats)
+
+
+def tokens_fed(steps: list[WorkerStep]) -> dict[int, int]:
+    """Block id -> how many new tokens the pass appends to it (each block has at most one writer)."""
+    fed: dict[int, int] = {}
+    for step in steps:
+        if not step.token_ids:
+            raise InputError("every worker in a pass needs at least one new token")
+        own = step.view[-1]
+        if own.id in fed:
+            raise InputError(f"block {own.name!r} is written by two workers in one pass")
+        fed[own.id] = len(step.token_ids)
+    return fed
+
+
+def view_lengths(steps: list[WorkerStep]) -> list[int]:
+    """Tokens in each worker's view during the pass (same-pass visibility: every block with the
+    tokens fed to it in this pass)."""
+    fed = tokens_fed(steps)
+    return [sum(block.length + fed.get(block.id, 0) for block in step.view) for step in steps]
 
 
 class PassCache:

@@ -34,7 +34,7 @@ from .events import (
     TokenEvent,
     WorkerText,
 )
-from .runner import Runner, WorkerStep
+from .runner import Runner, WorkerStep, view_lengths
 
 MAX_WORKERS = 16
 
@@ -238,8 +238,7 @@ class Session:
 
     def room_left(self) -> int:
         """Positions left in the longest view before the context is full."""
-        views = [sum(b.length for b in step.view) + len(step.token_ids) for step in self.inputs()]
-        return self.runner.model.max_positions - max(views, default=0)
+        return self.runner.model.max_positions - max(view_lengths(self.inputs()), default=0)
 
     def advance(self, logits: torch.Tensor, elapsed_s: float = 0.0,
                 shares: list[torch.Tensor] | None = None) -> list[Event]:

@@ -42,7 +42,8 @@ class ViewEntry:
     """One occurrence of a block in a row's view during one pass.
 
     offset: position of the block's first token in the view; visible: how many of the block's
-    tokens the row sees (its length before the pass, plus the new tokens for the own block).
+    tokens the row sees: its length before the pass plus the tokens its writer is fed in this pass
+    (same-pass visibility; for the own block they are seen causally).
     """
 
     block: Block
