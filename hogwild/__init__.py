@@ -12,6 +12,7 @@ if not torch.cuda.is_available():  # no device for Triton kernels: run them in T
     os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when triton is first imported, so set it first)
 
 from .cache import Block, SharedCache  # noqa: E402 (after the interpreter switch)
+from .engine.batch import BatchLoop, LoopStep, SessionStep
 from .engine.engine import Engine
 from .engine.events import (
     AnswerEvent,
@@ -28,7 +29,7 @@ from .engine.events import (
     WorkerText,
 )
 from .engine.generate import GenerateResult, generate
-from .engine.runner import Runner, WorkerStep
+from .engine.runner import PassOutput, Runner, WorkerStep
 from .engine.session import Session, SolveConfig
 from .errors import (
     CacheFullError,
@@ -43,6 +44,7 @@ from .sampling import Sampler, SamplingParams
 
 __all__ = [
     "AnswerEvent",
+    "BatchLoop",
     "CollabEvent",
     "Block",
     "CacheFullError",
@@ -55,13 +57,16 @@ __all__ = [
     "HogwildError",
     "InputError",
     "LoadedModel",
+    "LoopStep",
     "ModelLoadError",
     "PassEvent",
+    "PassOutput",
     "Result",
     "Runner",
     "Sampler",
     "SamplingParams",
     "Session",
+    "SessionStep",
     "SharedCache",
     "SnapshotEvent",
     "SolveConfig",

@@ -51,7 +51,7 @@ def block_labels(shared: SharedBlocks, steps: dict[str, Block]) -> dict[int, str
 def view_shares(entries: torch.Tensor, view: Sequence[Block], labels: dict[int, str], worker: str,
                 others: Sequence[str]) -> dict:
     """Per-layer shares of one worker in one pass. entries: float32 [layers, len(view)], the shares of
-    each view entry (``Runner.shares``); returns a share dict of lists (one value per layer)."""
+    each view entry (``PassOutput.shares``); returns a share dict of lists (one value per layer)."""
     by_kind = {kind: torch.zeros(entries.shape[0]) for kind in (*KINDS, *others)}
     for j, block in enumerate(view):
         label = labels[block.id]

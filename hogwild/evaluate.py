@@ -455,8 +455,11 @@ def run_jobs(
     import torch
 
     from .collaboration import on_others
-    from .engine.events import CollabEvent
+    from .engine.batch import BatchLoop
+    from .engine.events import CollabEvent, SnapshotEvent
 
+    loop = BatchLoop(engine.runner)
+    owner = {}  # session -> (its job, its index in the job)
     queue = iter(todo)
     active: list[Job] = []
     try:
@@ -471,29 +474,24 @@ def run_jobs(
                         on_rows(_overflow_rows(problem, group, config, str(exc)))
                         continue
                     active.append(job)
-                    for session in job.sessions:
-                        session.start()
+                    for i, session in enumerate(job.sessions):
+                        owner[session] = job, i
+                        loop.add(session)
                 if not active:
                     return
-                live = [(job, i, s) for job in active for i, s in enumerate(job.sessions) if not s.done]
-                inputs = [s.inputs() for _, _, s in live]
-                t0 = time.perf_counter()
-                logits = engine.runner.forward([row for rows in inputs for row in rows],
-                                               collab_stats=config.collab_stats)
-                elapsed = time.perf_counter() - t0
-                pass_shares = engine.runner.shares  # before a finisher's pass replaces it
-                start = 0
-                for (job, i, session), rows in zip(live, inputs, strict=True):
-                    shares = pass_shares[start : start + len(rows)] if config.collab_stats else None
-                    events = session.advance(logits[start : start + len(rows)], elapsed, shares)
-                    start += len(rows)
+                for session, got in loop.step().sessions.items():
+                    if got.error is not None:
+                        raise got.error
+                    job, i = owner[session]
                     if i == 0:
-                        job.others += [_mean([on_others(s) for s in e.shares.values()]) for e in events
+                        job.others += [_mean([on_others(s) for s in e.shares.values()]) for e in got.events
                                        if isinstance(e, CollabEvent)]
-                    job.snapshots[i] += [_reduce(event) for event in session.due_snapshots()]
+                    job.snapshots[i] += [_reduce(e) for e in got.events if isinstance(e, SnapshotEvent)]
                 for job in [job for job in active if job.done]:
                     active.remove(job)
-                    job.close()
+                    for session in job.sessions:
+                        loop.remove(session)
+                        del owner[session]
                     on_rows(job_rows(job))
                     if config.collab_stats and job.group[0] in HOGWILD_LAYOUTS:
                         on_curve(job)

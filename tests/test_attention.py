@@ -49,7 +49,7 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
         owns.append(cache.new_block(f"own{w}"))
         fill(owns[-1], int(torch.randint(0, 6, (1,), generator=g)))
     steps, news = [], []
-    for w, own in enumerate(owns):
+    for own in owns:
         picks = torch.randint(0, len(shared), (int(torch.randint(0, 5, (1,), generator=g)),), generator=g)
         view = [shared[int(i)] for i in picks]  # repeats allowed
         for other in owns:  # other workers' blocks, written in this same pass, anywhere before the own block

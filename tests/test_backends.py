@@ -40,7 +40,7 @@ def decode_passes(runner: Runner, prompt_ids: list[int], blocks=None) -> tuple[l
     shapes = [[(b, a), (a, b)], [(b, a), (a, b), (a, b, c)], [(a, b)], [(b, c, d, a), (a, b), (a, b, c), (d,)]]
     out = []
     for rows in shapes:
-        out.append(runner.forward([WorkerStep([7], [prompt, *row]) for row in rows]))
+        out.append(runner.forward([WorkerStep([7], [prompt, *row]) for row in rows]).logits)
     return out, blocks
 
 
@@ -79,8 +79,8 @@ def test_static_buffers_carry_attention_statistics(tmp_path):
         a, b = cache.new_block("a"), cache.new_block("b")
         shares = []
         for views in [[(a,), (b,)], [(b, a), (a, b)], [(a, b)], [(b, a), (a, b)]]:
-            runner.forward([WorkerStep([7], [prompt, *view]) for view in views], collab_stats=True)
-            shares.append(runner.shares)
+            out = runner.forward([WorkerStep([7], [prompt, *view]) for view in views], collab_stats=True)
+            shares.append(out.shares)
         runs.append((runner, shares))
     (_, eager), (static, replayed) = runs
     assert sorted(static.graphs.buckets) == [(1, 64, True), (2, 64, True)]
@@ -100,7 +100,7 @@ def scripted_solve(engine: Engine, script: list[int], budget: int) -> tuple[Resu
     try:
         session.start()
         while not session.done:
-            logits = engine.runner.forward(session.inputs())
+            logits = engine.runner.forward(session.inputs()).logits
             logits_seen.append(logits)
             forced = torch.full_like(logits, -1e9)
             for row, worker in enumerate(w for w in session.workers if w.active):

@@ -78,9 +78,9 @@ def test_contiguous_sharing_is_real(model, runner):
     logits = []
     for a_text in [" Alice writes about colours", " Alice counts the apples twice"]:
         p, a, b = build_contiguous(runner, prompt, tok(a_text, add_special_tokens=False).input_ids, b_tokens)
-        fast = runner.forward([WorkerStep(next_b, [p, a, b])])[0]
+        fast = runner.forward([WorkerStep(next_b, [p, a, b])]).logits[0]
         runner.cache.truncate(b, b.length - len(next_b))
-        reference = runner.forward([WorkerStep(next_b, [p, a, b])], reference=True)[0]
+        reference = runner.forward([WorkerStep(next_b, [p, a, b])], reference=True).logits[0]
         assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4)
         assert float((fast - reference).norm() / reference.norm()) < 1e-5
         logits.append(fast)

@@ -127,9 +127,9 @@ def lean_and_modules(name: str, folder, device, dtype: torch.dtype) -> dict:
         cache = runner.cache
         p, a, b = cache.new_block("prompt", capacity=len(prompt)), cache.new_block("a"), cache.new_block("b")
         logits = [runner.prefill([p], prompt)[None]]
-        logits.append(runner.forward([WorkerStep([5, 6, 7], [p, a]), WorkerStep([9], [p, a, b])]))
+        logits.append(runner.forward([WorkerStep([5, 6, 7], [p, a]), WorkerStep([9], [p, a, b])]).logits)
         for _ in range(2):
-            logits.append(runner.forward([WorkerStep([3], [p, b, a]), WorkerStep([4], [p, a, b])]))
+            logits.append(runner.forward([WorkerStep([3], [p, b, a]), WorkerStep([4], [p, a, b])]).logits)
         kv = [cache.read(block, layer, block.length) for block in (p, a, b) for layer in range(loaded.num_layers)]
         runs[lean] = logits, kv
     return runs

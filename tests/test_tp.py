@@ -152,7 +152,8 @@ MOVES = textwrap.dedent("""
     runner.forward([WorkerStep([5, 6, 7], [prompt, history])])
     runner.forward([WorkerStep([60, 61, 62, 63, 64], [prompt, history, own])])
     cache.move_prefix(history, own, 3)  # keys rotated on every rank
-    logits = runner.forward([WorkerStep([70], [prompt, history, own]), WorkerStep([71], [prompt, history])])
+    rows = [WorkerStep([70], [prompt, history, own]), WorkerStep([71], [prompt, history])]
+    logits = runner.forward(rows).logits
     print(json.dumps(logits.tolist()))
     shutdown()
 """)

@@ -22,7 +22,7 @@ def ordinary_logits(model, token_ids: list[int]) -> torch.Tensor:
 
 
 def run_pass(runner: Runner, steps: list[WorkerStep], attention: str) -> torch.Tensor:
-    return runner.forward(steps, reference=attention == "reference").float()
+    return runner.forward(steps, reference=attention == "reference").logits.float()
 
 
 def test_the_plan_counts_the_tokens_fed_in_the_pass():
@@ -117,5 +117,5 @@ def test_bobs_tokens_change_alices_logits_in_the_same_pass(model):
         runner.forward([WorkerStep(prompt_ids, [prompt])])
         steps = [WorkerStep(tok(" Alice:", add_special_tokens=False).input_ids, [prompt, bob, alice]),
                  WorkerStep(tok(bob_text, add_special_tokens=False).input_ids, [prompt, alice, bob])]
-        outs.append(runner.forward(steps)[0])
+        outs.append(runner.forward(steps).logits[0])
     assert float((outs[0] - outs[1]).abs().max()) > 0.1

@@ -178,7 +178,7 @@ class HogwildMethod(Method):
 class HogwildDecoder(Decoder):
     """Worker i sees ``[prompt, own_i]`` and writes one token per pass to ``own_i``.
 
-    collab_stats: every pass also computes the attention shares (``Runner.shares``: per row
+    collab_stats: every pass also computes the attention shares (``PassOutput.shares``: per row
     [layers, 2], read on the host inside the timed pass); ``shares`` keeps the last pass's."""
 
     def __init__(self, prompt: HogwildPrompt, workers: int, name: str, reference: bool, collab_stats: bool = False):
@@ -203,14 +203,14 @@ class HogwildDecoder(Decoder):
     def step(self) -> float:
         steps = [WorkerStep([t], [self.prompt, own]) for t, own in zip(self.tokens, self.own)]
         start = time.perf_counter()
-        logits = self.runner.forward(steps, reference=self.reference, collab_stats=self.collab_stats)  # [N, vocab]
+        out = self.runner.forward(steps, reference=self.reference, collab_stats=self.collab_stats)
         synchronize(self.runner.model.device)
         elapsed = time.perf_counter() - start
         if self.collab_stats:
-            if self.runner.shares is None or len(self.runner.shares) != len(steps):
-                raise RuntimeError("a pass with collab_stats=True left no attention shares (Runner.shares)")
-            self.shares = self.runner.shares
-        self.logits = logits
+            if out.shares is None or len(out.shares) != len(steps):
+                raise RuntimeError("a pass with collab_stats=True gave no attention shares")
+            self.shares = out.shares
+        logits = self.logits = out.logits  # [N, vocab]
         self.tokens = logits.argmax(-1).tolist()
         return elapsed
 

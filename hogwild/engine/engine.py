@@ -6,7 +6,6 @@ snapshots, the answer, and last a DoneEvent carrying the Result).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from functools import cached_property
 
@@ -16,6 +15,7 @@ from ..errors import HogwildError
 from ..model import LoadedModel, load_model
 from ..protocol.prompts import ProtocolConfig
 from ..sampling import SamplingParams
+from .batch import BatchLoop
 from .events import DoneEvent, Event, Result
 from .runner import Runner
 from .session import Session, SolveConfig
@@ -100,21 +100,20 @@ class Engine:
         return self._run(session)
 
     def _run(self, session: Session) -> Iterator[Event]:
+        loop = BatchLoop(self.runner)
         try:
-            session.start()
-            yield from session.take_opened()
+            yield from loop.add(session)
             while not session.done:
-                t0 = time.perf_counter()
-                logits = self.runner.forward(session.inputs(), collab_stats=session.config.collab_stats)
-                self.runner.synchronize()  # a GPU pass runs on after forward returns: time all of it
-                yield from session.advance(logits, time.perf_counter() - t0, self.runner.shares)
-                yield from session.due_snapshots()
+                step = loop.step().sessions[session]
+                if step.error is not None:
+                    raise step.error
+                yield from step.events
             yield DoneEvent(session.result())
         except KeyboardInterrupt:  # thrown in by the caller (``stream.throw``): hand back what we have
             session.interrupted = True
             yield DoneEvent(session.result())
         finally:
-            session.close()
+            loop.remove(session)
 
     def solve(self, problem: str, **kwargs) -> Result:
         """Solve ``problem`` and return the Result (same arguments as ``stream``)."""

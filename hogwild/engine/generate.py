@@ -87,7 +87,7 @@ def generate(
         outputs = [WorkerOutput(list(p)) for p in prefixes]
         pending = [lead + list(p) for p in prefixes]
         for _ in range(max_new_tokens):
-            logits = runner.forward([WorkerStep(tokens, view) for tokens, view in zip(pending, views)])
+            logits = runner.forward([WorkerStep(tokens, view) for tokens, view in zip(pending, views)]).logits
             pending = [[t] for t in sampler(logits)]
             for out, (token,) in zip(outputs, pending):
                 out.token_ids.append(token)

@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class PassOutput:
+    """What one pass measured. logits: [rows, vocab] after each row's last new token; shares (passes
+    with ``collab_stats``): per row, float32 [layers, view entries] on the host, each entry's share
+    of the row's attention mass; None otherwise."""
+
+    logits: torch.Tensor
+    shares: list[torch.Tensor] | None = None
+
+
+@dataclass
 class WorkerStep:
     """One worker's input to a pass: ``token_ids`` are appended to ``view[-1]`` (its own block)."""
 
@@ -161,7 +171,6 @@ class Runner:
 
             self.lean = LeanDecoder(model)
         self.forward_passes = 0
-        self.shares: list[torch.Tensor] | None = None  # the last pass's attention shares (collab_stats)
         self.graphs = None
         if graphs:
             from .graphs import DecodeGraphs
@@ -214,26 +223,23 @@ class Runner:
                          collab_stats=collab_stats)
 
     @torch.no_grad()  # not inference_mode: cache tensors are updated in place outside passes too
-    def forward(self, steps: list[WorkerStep], reference: bool = False, collab_stats: bool = False) -> torch.Tensor:
-        """One pass. Returns the logits after each worker's last new token: [len(steps), vocab].
-
-        collab_stats: also set ``self.shares`` to each row's attention shares, float32 [layers,
-        view entries] on the host (read once after the pass; decode passes replay graphs of their
-        own); otherwise ``self.shares`` is None.
-        """
-        self.shares = None
+    def forward(self, steps: list[WorkerStep], reference: bool = False, collab_stats: bool = False) -> PassOutput:
+        """One pass: the logits after each worker's last new token and, with ``collab_stats``, each
+        row's attention shares (decode passes with statistics replay CUDA graphs of their own)."""
+        shares = None
         if self.graphs is not None and not reference and self.graphs.fits(steps):
             logits, plan = self.graphs.forward(steps, collab_stats)
-            if collab_stats:
-                self.shares = plan.stats.row_shares(plan.rows)
         else:
-            logits = self._eager(steps, reference, collab_stats)
+            logits, plan = self._eager(steps, reference, collab_stats)
+        if plan.stats is not None:
+            shares = plan.stats.row_shares(plan.rows)
         for step in steps:  # only now, with every layer written, do the tokens count as held
             self.cache.commit(step.view[-1], list(step.token_ids))
         self.forward_passes += 1
-        return logits
+        return PassOutput(logits, shares)
 
-    def _eager(self, steps: list[WorkerStep], reference: bool, collab_stats: bool = False) -> torch.Tensor:
+    def _eager(self, steps: list[WorkerStep], reference: bool, collab_stats: bool = False
+               ) -> tuple[torch.Tensor, PassPlan]:
         plan = self.plan(steps, reference, collab_stats=collab_stats)
         B, T = len(steps), plan.T
         device = self.model.device
@@ -244,9 +250,7 @@ class Runner:
             position_ids[i] = row.start + torch.arange(T)  # local positions in the own block
         hidden = self.hidden_states(input_ids.to(device), position_ids.to(device), plan)
         last = torch.tensor([row.n_new - 1 for row in plan.rows], device=device)
-        if plan.stats is not None:
-            self.shares = plan.stats.row_shares(plan.rows)
-        return self.model.logits(hidden[torch.arange(B, device=device), last])
+        return self.model.logits(hidden[torch.arange(B, device=device), last]), plan
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan: PassPlan) -> torch.Tensor:
         """The decoder over one planned pass: input_ids, position_ids [B, T] on the device -> last
@@ -289,7 +293,7 @@ class Runner:
         """Append many tokens to ``view[-1]`` in chunks; returns the logits after the last: [vocab]."""
         logits = None
         for i in range(0, len(token_ids), chunk):
-            logits = self.forward([WorkerStep(token_ids[i : i + chunk], view)])[0]
+            logits = self.forward([WorkerStep(token_ids[i : i + chunk], view)]).logits[0]
         if logits is None:
             raise InputError("nothing to prefill")
         return logits

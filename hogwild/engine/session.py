@@ -51,7 +51,7 @@ class SolveConfig:
     seed: int | None = None
     collab_every: int | None = None  # None: the protocol's default; 0: never
     snapshots: tuple[int, ...] = ()
-    collab_stats: bool = False  # drivers pass Runner.shares to advance(); a CollabEvent per pass
+    collab_stats: bool = False  # drivers pass PassOutput.shares to advance(); a CollabEvent per pass
 
     def check(self, protocol: ProtocolConfig) -> None:
         if not 1 <= self.workers <= min(MAX_WORKERS, len(protocol.names)):
@@ -243,7 +243,7 @@ class Session:
     def advance(self, logits: torch.Tensor, elapsed_s: float = 0.0,
                 shares: list[torch.Tensor] | None = None) -> list[Event]:
         """Take the logits [active workers, vocab] of the pass just run on ``inputs()`` and, with
-        ``collab_stats``, that pass's ``Runner.shares`` of these rows ([layers, view entries] each)."""
+        ``collab_stats``, that pass's ``PassOutput.shares`` of these rows ([layers, view entries] each)."""
         self.forward_passes += 1
         self.timings["decode"] += elapsed_s
         events: list[Event] = self.take_opened()
@@ -357,7 +357,7 @@ class Session:
             steps = [WorkerStep(self._ids(self.protocol.finisher), [*state, block])]
             decoded: list[int] = []
             for _ in range(self.protocol.finisher_tokens):
-                logits = self.runner.forward(steps)
+                logits = self.runner.forward(steps).logits
                 token = self.sampler.greedy(logits)[0]
                 decoded.append(token)
                 text = self.tokenizer.decode(decoded)

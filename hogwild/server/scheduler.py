@@ -3,9 +3,10 @@
 One scheduler thread owns the engine. Request handlers reserve a place (a request counts as
 queued from that moment), build their (not yet started) ``Session`` off the event loop and hand it
 over as a ``Job``; the scheduler admits up to ``max_sessions`` live sessions, prefills new ones, and
-then runs ONE forward pass for the workers of every live session at a time, handing each session
-its rows of the logits. Whatever a job gets goes back through its ``deliver`` callback. A finished,
-failed or cancelled session is closed at once, which frees its cache blocks.
+then runs ONE forward pass for the workers of every live session at a time through the engine's
+batching loop (``BatchLoop``), which hands each session its rows of the logits. Whatever a job
+gets goes back through its ``deliver`` callback. A finished, failed or cancelled session is
+closed at once, which frees its cache blocks.
 
 A full K/V pool makes a new session wait, never fails a running one: a session is admitted only
 when the pool can hold its ``token_bound`` next to the bounds of the live ones (and has that many
@@ -19,12 +20,12 @@ import collections
 import dataclasses
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..engine.batch import BatchLoop
 from ..engine.engine import Engine
 from ..engine.events import Event, PassEvent, Result, StepStartEvent, TokenEvent
 from ..engine.session import Session
@@ -150,6 +151,7 @@ class Scheduler:
         if max_sessions < 1 or queue_size < 0:
             raise InputError("max_sessions must be >= 1 and queue_size >= 0")
         self.engine = engine
+        self.loop = BatchLoop(engine.runner)
         self.max_sessions = max_sessions
         self.queue_size = queue_size
         self._cond = threading.Condition()
@@ -292,7 +294,7 @@ class Scheduler:
                 jobs = self._live + list(self._waiting)
                 self._live, self._waiting = [], collections.deque()
             for job in jobs:
-                job.session.close()
+                self.loop.remove(job.session)
                 job.deliver(Failed("the server stopped", 503, "server_shutting_down"))
             self._measure()
 
@@ -355,7 +357,7 @@ class Scheduler:
             self._cache_bytes = nbytes
 
     def _remove(self, job: Job, outcome: str, item: Finished | Failed | None) -> None:
-        job.session.close()
+        self.loop.remove(job.session)
         with self._cond:
             if job in self._live:
                 self._live.remove(job)
@@ -370,10 +372,10 @@ class Scheduler:
             return self._remove(job, "cancelled", None)
         session = job.session
         try:
-            session.start()
+            opened = self.loop.add(session)
             job.started = True
             if job.stream:
-                job.send(session.take_opened())  # the workers' first steps
+                job.send(opened)  # the workers' first steps
         except CacheFullError as exc:  # raised before any work: the session is untouched
             with self._cond:
                 others = [j for j in self._live if j is not job]
@@ -396,57 +398,37 @@ class Scheduler:
 
     def _step(self) -> None:
         with self._cond:
-            jobs = [job for job in self._live if job.started and not job.session.done]
-        batch: list[tuple[Job, int]] = []
-        rows = []
-        for job in jobs:
-            mine = job.session.inputs()
-            batch.append((job, len(mine)))
-            rows.extend(mine)
-        if not rows:
+            jobs = {job.session: job for job in self._live if job.started and not job.session.done}
+        if not jobs:
             return
-        runner = self.engine.runner
-        t0 = time.perf_counter()
         try:
-            logits = runner.forward(rows, collab_stats=any(job.session.config.collab_stats for job, _ in batch))
-            shares = runner.shares  # now: a finisher's pass in ``advance`` resets it
+            step = self.loop.step()
         except Exception:
-            if not runner.ranks_alive():  # a tensor-parallel rank is gone: the failure hook ended every request
-                log.exception("a pass failed with a tensor-parallel rank gone")
-                return
-            if len(batch) == 1:
-                return self._fail_pass(batch[0][0])
-            # Isolate the session at fault: nothing was committed, so each one may retry alone.
-            log.exception("a batched pass of %d sessions failed; running them one by one", len(batch))
-            for job, _ in batch:
-                t0 = time.perf_counter()
-                try:
-                    part = runner.forward(job.session.inputs(), collab_stats=job.session.config.collab_stats)
-                except Exception:
-                    self._fail_pass(job)
-                    continue
-                self._advance(job, part, time.perf_counter() - t0, runner.shares)
+            if len(jobs) == 1 and self.engine.runner.ranks_alive():
+                return self._fail_pass(next(iter(jobs.values())))
+            log.exception("a pass failed with a tensor-parallel rank gone")  # its failure hook ended every request
             return
-        elapsed = time.perf_counter() - t0
         with self._cond:
             self._counts["passes"] += 1
-            self._counts["max_rows"] = max(self._counts["max_rows"], len(rows))
-        offset = 0
-        for job, n in batch:
-            mine = shares[offset : offset + n] if shares is not None else None
-            self._advance(job, logits[offset : offset + n], elapsed, mine)
-            offset += n
+            self._counts["max_rows"] = max(self._counts["max_rows"], step.rows)
+        for session, got in step.sessions.items():
+            job = jobs[session]
+            if got.stage == "pass":
+                self._fail_pass(job, got.error)
+            elif got.error is not None:
+                log.error("session %s failed", job.id, exc_info=got.error)
+                self._remove(job, "failed", Failed(f"{type(got.error).__name__}: {got.error}"))
+            else:
+                self._deliver(job, got.events)
 
-    def _fail_pass(self, job: Job) -> None:
-        log.exception("session %s: its pass failed", job.id)
+    def _fail_pass(self, job: Job, error: Exception | None = None) -> None:
+        log.error("session %s: its pass failed", job.id, exc_info=error or True)
         self._remove(job, "failed", Failed("a forward pass failed; see the server's log"))
 
-    def _advance(self, job: Job, logits, elapsed: float, shares=None) -> None:
-        """Hand a session its logits (and, with ``collab_stats``, its rows' attention shares),
-        deliver its events, close it when done."""
+    def _deliver(self, job: Job, events: list[Event]) -> None:
+        """Deliver the events a session got from a step; close it when done."""
         session = job.session
         try:
-            events = session.advance(logits, elapsed, shares if session.config.collab_stats else None)
             result = session.result() if session.done else None
             if job.stream:
                 job.send([e for e in events if not isinstance(e, PassEvent)], result)
