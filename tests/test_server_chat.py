@@ -27,7 +27,7 @@ def server(model):
         yield server
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -47,9 +47,8 @@ def sessions(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def answer(server):
+def answer(client):
     """The answer to PROBLEM (greedy), asked once."""
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     return chat(client, [{"role": "user", "content": PROBLEM}]).choices[0].message.content
 
 
