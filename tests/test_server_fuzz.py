@@ -170,6 +170,14 @@ RAW = st.one_of(
             lambda cut: text[: cut[0]].encode() + cut[1])),
     st.integers(1, 3000).map(lambda depth: b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"),
     st.integers(1, 3000).map(lambda depth: b'{"hogwild": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"),
+    # long invalid lists and many-key objects (up to the 4 MiB body limit), where the server takes them
+    st.tuples(st.sampled_from([b"1", b'"x"', b"{}", b"[]", b'{"role": 5}', b"null"]), st.integers(1, 400_000),
+              st.sampled_from([b'{"messages": [%s]}', b'{"messages": [{"role": "user", "content": [%s]}]}',
+                               b'{"messages": [{"role": "user", "content": "hi"}], "stop": [%s]}',
+                               b'{"messages": [{"role": "user", "content": "hi"}], "tools": [%s]}'])).map(
+        lambda t: t[2] % b",".join([t[0]] * t[1])),
+    st.tuples(st.integers(1, 200_000), st.sampled_from([b'{"hogwild": {%s}}', b'{"messages": [{%s}]}', b"{%s}"])).map(
+        lambda t: t[1] % b",".join(b'"k%d": 1' % i for i in range(t[0]))),
     st.sampled_from([b"", b"null", b"[]", b"\xef\xbb\xbf{}", b'{"messages": [{"role": "user", "content": "\xff"}]}']),
 )
 

@@ -106,6 +106,9 @@ def test_flags_reach_the_server(server):
         rebound = bare.get("/health", headers={"Host": "rebound.example"})
         assert assert_openai_error(rebound, 400)["code"] == "invalid_host"
         assert_openai_error(bare.get("/docs"), 404)
+        forged = bare.get("/health", headers={"Host": "127.0.0.1:8000@evil.example"})
+        assert assert_openai_error(forged, 400)["code"] == "invalid_host"
+    assert "authentication is on" in server.log()  # the key came from $HOGWILD_API_KEY
 
 
 def test_huge_requests_are_refused_at_once_and_leave_no_memory_behind(server):

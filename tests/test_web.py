@@ -39,7 +39,12 @@ def test_page_streams_workers_and_answer(url, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url + "/")
+            problems = []  # console errors and script errors: a Content-Security-Policy refusal would show here
+            page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            response = page.goto(url + "/")
+            assert response.headers["x-frame-options"] == "DENY" and "script-src 'sha256-" in response.headers[
+                "content-security-policy"]
             expect(page.locator("#key-label")).to_be_hidden()  # this server wants no API key
             expect(page.locator("#model")).to_have_text("SmolLM2-135M-Instruct")
             page.fill("#problem", "What is 12 * 7?")
@@ -62,6 +67,9 @@ def test_page_streams_workers_and_answer(url, tmp_path):
             shot = tmp_path / "hogwild-web.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            assert problems == []
+            # The inline style applies (its hash is in the policy): the answer box shows, with its margin.
+            assert page.locator("#history").evaluate("e => getComputedStyle(e).marginTop") == "12px"
         finally:
             browser.close()
 

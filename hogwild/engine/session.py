@@ -9,9 +9,13 @@ session-local passes that the session runs with the runner directly.
 from __future__ import annotations
 
 import collections
+import re
 import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import jinja2
 import torch
 
 from .. import collaboration as collab
@@ -89,6 +93,23 @@ class Worker:
         return self.forced + tokenizer.decode(self.generated)
 
 
+def chat_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The token ids of ``messages`` laid out by the tokenizer's chat template, ready for the reply,
+    with each message's text tokenized as text: a control token written inside a message (such as
+    ``<|im_end|>``) stays plain text, only the template's own control tokens are real."""
+    key = uuid.uuid4().hex  # stands in for each text while the template renders
+    stand_ins = [{**m, "content": f"{key}{i}{key}"} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(stand_ins, add_generation_prompt=True, tokenize=False)
+    ids: list[int] = []
+    for j, piece in enumerate(re.split(f"{key}(\\d+){key}", rendered)):
+        if j % 2:
+            ids += tokenizer(messages[int(piece)]["content"], add_special_tokens=False,
+                             split_special_tokens=True).input_ids
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False).input_ids
+    return ids
+
+
 class Session:
     """A problem being solved by several workers over one shared cache."""
 
@@ -99,7 +120,10 @@ class Session:
         config: SolveConfig,
         protocol: ProtocolConfig,
         banned_token_ids: tuple[int, ...],
+        context: Sequence[dict[str, str]] = (),
     ):
+        """``context``: earlier chat messages (``{"role", "content"}``: a client's system
+        messages, earlier user and assistant turns), laid out before the protocol's prompt."""
         if not problem or not problem.strip():
             raise InputError("the problem is empty")
         config.check(protocol)
@@ -118,7 +142,7 @@ class Session:
             ),
             config.seed,
         )
-        self.prompt_ids = self._prompt_ids(problem)
+        self.prompt_ids = self._prompt_ids(problem, context)
         room = runner.model.max_positions - 64 - protocol.finisher_tokens
         if len(self.prompt_ids) > room:
             raise ContextOverflowError(
@@ -143,14 +167,23 @@ class Session:
         self._attention_passes: dict[str, int] = {}
 
     # -- set-up --------------------------------------------------------------------------------
-    def _prompt_ids(self, problem: str) -> list[int]:
+    def _prompt_ids(self, problem: str, context: Sequence[dict[str, str]]) -> list[int]:
         system = self.protocol.system(self.config.workers, self.solo)
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": problem.strip()}]
+        tail = [{"role": "system", "content": system}, {"role": "user", "content": problem.strip()}]
         if getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"])
-        return self._ids(f"{system}\n\nProblem: {problem.strip()}\n\n")
+            try:
+                return chat_ids(self.tokenizer, [*context, *tail])
+            except jinja2.TemplateError as exc:  # a template that wants the system message first
+                if not context:
+                    raise
+                merged = {"role": "user", "content": f"{system}\n\n{problem.strip()}"}
+                try:
+                    return chat_ids(self.tokenizer, [*context, merged])
+                except jinja2.TemplateError:
+                    raise InputError(f"the model's chat template refuses this conversation: {exc}") from None
+        earlier = "".join(f"{m['role']}: {m['content']}\n\n" for m in context)
+        text = f"{earlier}{system}\n\nProblem: {problem.strip()}\n\n"
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

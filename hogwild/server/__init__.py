@@ -39,19 +39,37 @@ def register(sub) -> None:
     p.add_argument("--docs", action="store_true", help="serve the API docs at /docs and /openapi.json")
     p.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest request body in MiB; a larger one gets 413 (default 4)")
+    p.add_argument("--request-timeout", type=float, default=15.0,
+                   help="seconds a request may take to arrive whole (headers and body); a slower one gets 408 "
+                        "and its connection is closed (default 15)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="connections open at once; one more gets 503 and is closed (default 256)")
     add_model_arguments(p)
     p.set_defaults(func=run_serve)
 
 
-def run_serve(args) -> int:
-    import uvicorn
+def api_key_of(flag: str | None) -> str | None:
+    """The API key from ``--api-key``, else from $HOGWILD_API_KEY, else None (no authentication).
+    A key that is given but empty or blank is refused (InputError): ``--api-key "$KEY"`` with
+    ``KEY`` unset must not serve an open API."""
+    from ..errors import InputError
 
+    source, key = ("--api-key", flag) if flag is not None else (f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))
+    if key is not None and not key.strip():
+        raise InputError(f"{source} is empty: give a key, or leave it out to serve without authentication")
+    if key is not None and key != key.strip():
+        raise InputError(f"{source} starts or ends with whitespace: give the key alone")
+    return key
+
+
+def run_serve(args) -> int:
     from .. import distributed
     from ..cli_args import load_from_args, runner_options
     from ..engine.engine import Engine
     from ..errors import InputError
     from .app import create_app
-    from .lifecycle import DrainingServer
+    from .connections import ConnectionLimits
+    from .lifecycle import DrainingServer, server_config
     from .security import allowed_hosts
 
     if args.max_sessions < 1:
@@ -64,7 +82,11 @@ def run_serve(args) -> int:
         raise InputError(f"--drain-seconds must be >= 0, got {args.drain_seconds}")
     if not args.max_body_mb > 0:
         raise InputError(f"--max-body-mb must be positive, got {args.max_body_mb}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if not args.request_timeout > 0:
+        raise InputError(f"--request-timeout must be positive, got {args.request_timeout}")
+    if args.max_connections < 1:
+        raise InputError(f"--max-connections must be at least 1, got {args.max_connections}")
+    api_key = api_key_of(args.api_key)
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be at least 1, got {args.threads}")
@@ -75,12 +97,16 @@ def run_serve(args) -> int:
     hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
     app = create_app(engine, args.max_sessions, args.queue_size, hosts=hosts, api_key=api_key, docs=args.docs,
                      max_body_bytes=int(args.max_body_mb * 1024 * 1024))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    limits = ConnectionLimits(args.request_timeout, args.max_connections)
+    config = server_config(app, limits, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     server = DrainingServer(config, app.state.hogwild.scheduler, args.drain_seconds)
     group = distributed.current()
     if group is not None:  # a lost rank: answer the requests, then exit (not the CLI's immediate exit)
         group.on_failure = server.fail
     print(f"hogwild: serving {engine.model.name} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    print("hogwild: authentication is on: /v1/... wants 'Authorization: Bearer KEY'" if api_key else
+          "hogwild: authentication is off: anyone who can reach the server may use it (--api-key sets a key)",
+          flush=True)
     server.run()
     if server.failed is not None:
         print(f"hogwild: error: {server.failed}", file=sys.stderr, flush=True)

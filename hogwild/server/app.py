@@ -5,7 +5,8 @@ event loop), ``scheduler`` (the thread that batches sessions), ``responses`` (Op
 bodies and streams), ``security`` (Host allow-list, API key, body size limit, the last-resort
 500) and ``lifecycle`` (uvicorn with a bounded, draining shutdown).
 
-A request is checked cheaply first (body size, types, the problem's length in characters), then
+A request is checked cheaply first (body size, the counts of its list items and object keys
+before it is parsed, types, the conversation's length in characters), then
 takes a place in the scheduler (it counts as queued from then on; 503 when none is left), then is
 tokenized in a worker thread, and only then queued for a session slot. Nothing that grows with the
 request's size runs on the event loop, so ``/health`` and the streams of other requests never wait.
@@ -14,7 +15,11 @@ request's size runs on the event loop, so ``/health`` and the streams of other r
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
+import re
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -22,13 +27,23 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.engine import Engine
 from ..errors import HogwildError
+from .bodies import BoundedJsonRoute
 from .lifecycle import running, serve_in_thread
-from .requests import ChatRequest, ProblemLimits, prepare_session, problem_of, solve_config
+from .requests import (
+    ChatRequest,
+    CompletionRequest,
+    Conversation,
+    ProblemLimits,
+    SolveRequest,
+    conversation_of,
+    prepare_session,
+    solve_config,
+)
 from .responses import (
     ClosingStreamingResponse,
     Reply,
@@ -58,6 +73,20 @@ def describe(errors: list[dict]) -> str:
         loc = [str(x)[:MAX_LOC_CHARS] for x in e.get("loc", ()) if x != "body" and not str(x).startswith("function-")]
         parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
+
+
+def page_headers(html: str) -> dict[str, str]:
+    """Security headers for the page: its own inline script and style only (by their hashes),
+    requests to this server only, never framed, no content-type sniffing."""
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(f"<{tag}>(.*?)</{tag}>", html, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+              "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 def create_app(
@@ -96,6 +125,9 @@ def create_app(
         docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
     )
     app.state.hogwild = state
+    app.router.route_class = BoundedJsonRoute  # request bodies: bounded before they are parsed
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    headers = page_headers(page)
     # add_middleware puts each one outside the ones before: the last added runs first.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(ApiKeyGuard, api_key=api_key)
@@ -117,33 +149,33 @@ def create_app(
     async def hogwild_error(request: Request, exc: HogwildError):
         if isinstance(exc, ServerBusy):
             return error_response(503, str(exc), code=exc.code)
-        return error_response(400, str(exc), code=getattr(exc, "code", None))
+        return error_response(400, str(exc), code=getattr(exc, "code", None), param=getattr(exc, "param", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD wherever GET is served
     async def index():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return Response(page, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     async def health():
         status = scheduler.status
         body = {"status": status, "model": state.model_name, **asdict(scheduler.stats())}
         return json_response(body, 200 if status == "ok" else 503)
 
     @app.get("/v1/models")
+    @app.head("/v1/models", include_in_schema=False)
     async def models():
         return {"object": "list", "data": [
             {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "hogwild"}
         ]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def solve(body: SolveRequest, conversation: Conversation, request: Request, chat: bool) -> Response:
         config = solve_config(body)
-        problem = problem_of(body.messages)
-        limits.check_chars(problem)
+        limits.check_chars(conversation)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -155,16 +187,25 @@ def create_app(
 
         with scheduler.reservation() as place:  # ServerBusy -> 503; queued from here on
             session = await anyio.to_thread.run_sync(
-                prepare_session, engine, limits, problem, config, limiter=tokenizing[0]
+                prepare_session, engine, limits, conversation, config, limiter=tokenizing[0]
             )
-            job = Job(session, deliver, stream=bool(body.stream))
+            job = Job(session, deliver, stream=bool(body.stream),
+                      id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
             place.submit(job)
-        reply = Reply(state, config, len(session.prompt_ids), body.include_usage)
+        reply = Reply(state, config, len(session.prompt_ids), body.include_usage, chat, body.stops)
         if body.stream:
             return ClosingStreamingResponse(
                 stream_chunks(job, queue, reply), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await complete(job, queue, reply, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await solve(body, conversation_of(body.messages), request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await solve(body, Conversation((), body.prompt), request, chat=False)
 
     return app

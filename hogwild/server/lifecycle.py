@@ -6,6 +6,9 @@ Retry-After), ``/health`` says ``draining``, and the running and queued requests
 gets an error chunk and ``[DONE]``; a plain request a 503), and uvicorn shuts down. A third signal
 quits without waiting. The process then exits with status 0.
 
+``server_config`` makes the uvicorn configuration with the connection guards of ``connections``
+(a deadline for each request to arrive, a cap on open connections).
+
 ``fail`` (the tensor-parallel group's ``on_failure`` hook: a rank is gone) ends every request at
 once (503 ``engine_failed``; a stream gets an error chunk and ``[DONE]``), refuses new ones and
 shuts uvicorn down; ``hogwild serve`` then exits with status 1.
@@ -24,12 +27,20 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
+from .connections import ConnectionLimits, protocol
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_SECONDS = 30.0
+DEFAULT_LIMITS = ConnectionLimits()
 GRACE_AFTER_ABORT_S = 10  # uvicorn's own limit on closing connections once every request has ended
+
+
+def server_config(app: FastAPI, limits: ConnectionLimits = DEFAULT_LIMITS, **options) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` with the connection guards of ``limits``; ``options``
+    go to ``uvicorn.Config`` (host, port, log_level, ...)."""
+    return uvicorn.Config(app, http=protocol(limits), timeout_keep_alive=limits.keep_alive_s, **options)
 
 
 class DrainingServer(uvicorn.Server):
@@ -84,13 +95,13 @@ class Running:
 
 @contextmanager
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, drain_seconds: float = DEFAULT_DRAIN_SECONDS,
-            timeout: float = 30.0) -> Iterator[Running]:
+            timeout: float = 30.0, limits: ConnectionLimits = DEFAULT_LIMITS) -> Iterator[Running]:
     """Run ``app`` (from ``create_app``) with uvicorn in a background thread (tests, benchmarks);
     ``handle_exit`` on the yielded server stands in for a signal."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    config = server_config(app, limits, log_level="warning", lifespan="on")
     server = DrainingServer(config, app.state.hogwild.scheduler, drain_seconds)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()

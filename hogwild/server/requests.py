@@ -1,8 +1,14 @@
-"""Reading a chat-completions request: strict types, cheap checks first, tokenization off the loop.
+"""Reading a request: strict types, bounded lists, honest refusals, tokenization off the loop.
 
 Numbers and booleans must be JSON numbers and booleans (no ``"8"``, ``8.0`` or ``true`` for an
 integer, no ``"yes"`` for a boolean), floats must be finite, integers fit 64 bits, and the text the
-server uses must be valid Unicode (no lone surrogates). A problem longer than the context could
+server uses must be valid Unicode (no lone surrogates). Lists stop at their first bad item
+(``FailFast``; ``bodies`` has already bounded every list and object of the body). Fields of
+OpenAI's API that the server does not implement (tools, logprobs, penalties, ...) are refused
+by name (``refuse_unsupported``), never silently ignored.
+
+A chat is read whole (``conversation_of``): the last message is the user's problem, the messages
+before it (system, user, assistant) are its context. A problem longer than the context could
 hold, counted in characters, is refused before any tokenizing; the tokenizing itself
 (``prepare_session``) runs in a worker thread and counts tokens chunk by chunk, so that an
 over-long problem never turns into millions of token ids.
@@ -11,7 +17,7 @@ over-long problem never turns into millions of token ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -24,7 +30,10 @@ DEFAULT_BUDGET = 512
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**64 - 1
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_STOP = 4  # stop sequences, as OpenAI allows
+MAX_STOP_CHARS = 256
 TOKENIZE_CHUNK_CHARS = 16_384
+SYSTEM_ROLES = ("system", "developer")  # "developer": OpenAI's newer name for the system role
 
 
 def valid_unicode(text: str) -> str:
@@ -43,12 +52,25 @@ Text = Annotated[str, AfterValidator(valid_unicode)]
 Int = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
-STRICT = ConfigDict(strict=True, extra="allow")
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP, fail_fast=True)]
+STRICT = ConfigDict(strict=True, extra="ignore")
+
+
+class UnsupportedError(InputError):
+    """A field of OpenAI's API that this server does not implement (HTTP 400, naming it)."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 class ContentPart(BaseModel):
-    """One part of OpenAI's list form of ``content``; parts other than text are ignored."""
+    """One part of OpenAI's list form of ``content``: text only."""
 
     model_config = STRICT
     type: Text = "text"
@@ -60,12 +82,19 @@ class Message(BaseModel):
 
     model_config = STRICT
     role: Text
-    content: Text | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], Field(fail_fast=True)] | None = None
+    tool_calls: Any = None
+    function_call: Any = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
-        return self.content or ""
+    def text(self, index: int) -> str:
+        """The text; a part that is not text (an image, audio) is refused, not dropped."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text":
+                raise UnsupportedError(f"messages.{index}.content.{j}.type",
+                                       f"{part.type[:64]!r} parts are not supported: this server reads text only")
+        return "".join(p.text or "" for p in self.content)
 
 
 class HogwildOptions(BaseModel):
@@ -84,43 +113,135 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class ChatRequest(BaseModel):
-    """The standard chat-completions request; other OpenAI fields are accepted and ignored."""
+class SolveRequest(BaseModel):
+    """What chat and text completions share; other OpenAI fields are ignored unless they would
+    change the answer (see ``refuse_unsupported``)."""
 
     model_config = STRICT
     model: Text | None = None
-    messages: list[Message]
     max_tokens: Int | None = None  # the budget in forward passes (one token per worker each)
-    max_completion_tokens: Int | None = None  # OpenAI's newer name for the same limit
     temperature: Temperature | None = None  # omitted: 0, greedy (the engine's default)
     top_p: TopP | None = None
     seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: Int | None = None
+    stop: Stop | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Any = None
     hogwild: HogwildOptions = Field(default_factory=HogwildOptions)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def budget(self) -> int | None:
+        return self.max_tokens
 
-def problem_of(messages: list[Message]) -> str:
-    """The problem: the last user message's text (system and assistant messages are ignored)."""
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def unsupported(self) -> dict[str, bool]:
+        """Field name -> whether the request asks for something this server does not do."""
+        return {
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "logit_bias": self.logit_bias not in (None, {}),
+        }
+
+
+class ChatRequest(SolveRequest):
+    """The standard chat-completions request."""
+
+    messages: Annotated[list[Message], Field(fail_fast=True)]
+    max_completion_tokens: Int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: Int | None = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @property
+    def budget(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def unsupported(self) -> dict[str, bool]:
+        return {
+            **super().unsupported(),
+            "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs not in (None, 0),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+            "tools": self.tools not in (None, []), "tool_choice": self.tool_choice not in (None, "none"),
+            "functions": self.functions not in (None, []), "function_call": self.function_call not in (None, "none"),
+        }
+
+
+class CompletionRequest(SolveRequest):
+    """The legacy text-completions request: ``prompt`` is the problem."""
+
+    prompt: Text
+    logprobs: Int | None = None
+    echo: bool | None = None
+    suffix: Text | None = None
+    best_of: Int | None = None
+
+    def unsupported(self) -> dict[str, bool]:
+        return {
+            **super().unsupported(), "logprobs": self.logprobs is not None, "echo": bool(self.echo),
+            "suffix": bool(self.suffix), "best_of": self.best_of not in (None, 1),
+        }
+
+
+def refuse_unsupported(body: SolveRequest) -> None:
+    """Name the first field the request sets to something this server does not do (400)."""
+    for name, asked in body.unsupported().items():
+        if asked:
+            raise UnsupportedError(name, "not supported by this server (see docs/server.md for the fields it reads)")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat read whole: ``context`` (earlier messages, ``{"role", "content"}``) and the problem."""
+
+    context: tuple[dict[str, str], ...]
+    problem: str
+
+    @property
+    def chars(self) -> int:
+        return len(self.problem.strip()) + sum(len(m["content"]) for m in self.context)
+
+
+def conversation_of(messages: list[Message]) -> Conversation:
+    """The last message is the problem and must be the user's; the system, user and assistant
+    messages before it are its context (a client resends the whole conversation each turn)."""
     if not messages:
         raise InputError("messages must hold at least one message")
-    users = [m for m in messages if m.role == "user"]
-    if not users:
-        raise InputError("messages must hold a user message: its text is the problem")
-    return users[-1].text()
+    context = []
+    for i, m in enumerate(messages):
+        if m.tool_calls not in (None, []) or m.function_call is not None:
+            raise UnsupportedError(f"messages.{i}.tool_calls", "tool calls are not supported by this server")
+        role = "system" if m.role in SYSTEM_ROLES else m.role
+        if role not in ("system", "user", "assistant"):
+            raise UnsupportedError(f"messages.{i}.role", f"the role {m.role[:64]!r} is not supported "
+                                   "(system, developer, user and assistant are)")
+        context.append({"role": role, "content": m.text(i)})
+    last = context.pop()
+    if last["role"] != "user":
+        raise InputError(f"messages must end with a user message: its text is the problem (the last one is "
+                         f"the {last['role']}'s)")
+    return Conversation(tuple(context), last["content"])
 
 
-def solve_config(body: ChatRequest) -> SolveConfig:
+def solve_config(body: SolveRequest) -> SolveConfig:
     """Map a request onto the engine's SolveConfig (raises InputError for bad values)."""
+    refuse_unsupported(body)
     if body.n not in (None, 1):
         raise InputError(f"n must be 1, got {body.n}: one request is one collaborative solve")
-    budget = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-    budget = DEFAULT_BUDGET if budget is None else budget
+    budget = DEFAULT_BUDGET if body.budget is None else body.budget
     if budget < 1:
         raise InputError(f"max_tokens (the forward-pass budget) must be at least 1, got {budget}")
     sampling = SamplingParams(  # the Sampler copes with tiny temperatures and top_p values
@@ -168,26 +289,30 @@ class ProblemLimits:
     def max_chars(self) -> int:
         return self.max_positions * self.max_token_bytes
 
-    def check_chars(self, problem: str) -> None:
+    def check_chars(self, conversation: Conversation) -> None:
         """The cheap check, before anything else: the length in characters."""
-        length = len(problem.strip())
+        length = conversation.chars
         if length > self.max_chars:
+            what = "conversation" if conversation.context else "problem"
             raise ContextOverflowError(
-                f"the problem is {length} characters long: the model's context of {self.max_positions} "
+                f"the {what} is {length} characters long: the model's context of {self.max_positions} "
                 f"tokens (at most {self.max_token_bytes} characters each) cannot hold it"
             )
 
-    def check_tokens(self, tokenizer, problem: str) -> None:
-        """Count the problem's tokens in chunks, stopping as soon as they are clearly too many
+    def check_tokens(self, tokenizer, conversation: Conversation) -> None:
+        """Count the conversation's tokens in chunks, stopping as soon as they are clearly too many
         (twice the context: the exact check follows on the real prompt), so that the work and the
         memory stay bounded whatever the text."""
-        text, count = problem.strip(), 0
-        for start in range(0, len(text), TOKENIZE_CHUNK_CHARS):
-            count += len(tokenizer(text[start : start + TOKENIZE_CHUNK_CHARS], add_special_tokens=False).input_ids)
-            if count > 2 * self.max_positions:
-                raise ContextOverflowError(
-                    f"the problem takes more than {count} tokens; the model's context holds {self.max_positions}"
-                )
+        count = 0
+        for text in [m["content"] for m in conversation.context] + [conversation.problem.strip()]:
+            for start in range(0, len(text), TOKENIZE_CHUNK_CHARS):
+                chunk = text[start : start + TOKENIZE_CHUNK_CHARS]
+                count += len(tokenizer(chunk, add_special_tokens=False, split_special_tokens=True).input_ids)
+                if count > 2 * self.max_positions:
+                    raise ContextOverflowError(
+                        f"the {'conversation' if conversation.context else 'problem'} takes more than {count} "
+                        f"tokens; the model's context holds {self.max_positions}"
+                    )
 
 
 def check_pool(session: Session, config: SolveConfig, capacity_tokens: int) -> None:
@@ -209,11 +334,13 @@ class CacheTooSmallError(InputError):
     code = "kv_cache_too_small"
 
 
-def prepare_session(engine: Engine, limits: ProblemLimits, problem: str, config: SolveConfig) -> Session:
+def prepare_session(engine: Engine, limits: ProblemLimits, conversation: Conversation,
+                    config: SolveConfig) -> Session:
     """Tokenize and check a request's session (not started). Runs in a worker thread: it is the
     costly part of a request, and it must not hold up the event loop."""
-    limits.check_tokens(engine.model.tokenizer, problem)
-    session = engine.session(problem, config)  # validates: InputError -> 400
+    limits.check_tokens(engine.model.tokenizer, conversation)
+    session = Session(engine.runner, conversation.problem, config, engine.protocol, engine.banned_token_ids,
+                      context=conversation.context)  # validates: InputError -> 400
     check_context(session, config, engine.model.max_positions)
     check_pool(session, config, engine.runner.cache.capacity_tokens)
     return session

@@ -57,7 +57,8 @@ def error_response(status: int, message: str, kind: str | None = None, code: str
 
 
 def json_response(body: dict, status: int = 200) -> Response:
-    return Response(dumps(body), status, media_type="application/json")
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return Response(dumps(body), status, headers, media_type="application/json")
 
 
 # -- completions --------------------------------------------------------------------------------
@@ -101,37 +102,55 @@ def usage(prompt_tokens: int, result: Result | None) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first of the ``stops`` it holds, and whether one was found."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
 @dataclass
 class Reply:
-    """What the response of one job needs besides the job."""
+    """What the response of one job needs besides the job: ``chat`` for chat completions (else
+    OpenAI's text completions), and the ``stops`` that cut the answer."""
 
     state: ServerState
     config: SolveConfig
     prompt_tokens: int
     include_usage: bool = False
+    chat: bool = True
+    stops: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def answer(self, result: Result) -> tuple[str, str]:
+        """The answer's text (cut at the first stop sequence) and the finish reason."""
+        text, stopped = cut_at_stop(result.answer or "", self.stops)
+        return text, "stop" if stopped else finish_reason(result, self.config.budget)
+
     def completion(self, job: Job, result: Result) -> dict:
+        text, finish = self.answer(result)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text}
         return {
-            "id": job.id, "object": "chat.completion", "created": self.created,
+            "id": job.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
             "model": self.state.model_name, "system_fingerprint": None,
-            "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": result.answer or ""},
-                "logprobs": None, "finish_reason": finish_reason(result, self.config.budget),
-            }],
+            "choices": [{**choice, "logprobs": None, "finish_reason": finish}],
             "usage": usage(self.prompt_tokens, result),
             "hogwild": transcript(result),
         }
 
     def chunk(self, job: Job, delta: dict | None, hogwild: dict | None = None, finish: str | None = None,
               result: Result | None = None) -> str:
-        """One server-sent event with a ``chat.completion.chunk``; ``delta=None`` is the usage chunk."""
-        body = {"id": job.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.state.model_name, "system_fingerprint": None}
+        """One server-sent event with a ``chat.completion.chunk`` (a ``text_completion`` with the
+        delta's content as ``text``); ``delta=None`` is the usage chunk."""
+        body = {"id": job.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.state.model_name, "system_fingerprint": None}
         if delta is None:
             body.update(choices=[], usage=usage(self.prompt_tokens, result))
         else:
-            body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            part = {"delta": delta} if self.chat else {"text": delta.get("content", "")}
+            body["choices"] = [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]
         if hogwild is not None:
             body["hogwild"] = hogwild
         return f"data: {dumps(body)}\n\n"
@@ -178,7 +197,7 @@ async def stream_chunks(job: Job, queue: asyncio.Queue, reply: Reply) -> AsyncIt
     config = reply.config
     try:
         names = [reply.state.engine.protocol.name(i) for i in range(config.workers)]
-        yield reply.chunk(job, {"role": "assistant", "content": ""}, {
+        yield reply.chunk(job, {"role": "assistant", "content": ""} if reply.chat else {}, {
             "workers": names, "layout": config.layout, "budget": config.budget, "prompt_tokens": reply.prompt_tokens,
         })
         while True:
@@ -197,8 +216,9 @@ async def stream_chunks(job: Job, queue: asyncio.Queue, reply: Reply) -> AsyncIt
                 yield "data: [DONE]\n\n"
                 return
             result = item.result
-            yield reply.chunk(job, {"content": result.answer or ""})
-            yield reply.chunk(job, {}, {"result": transcript(result)}, finish_reason(result, config.budget))
+            text, finish = reply.answer(result)
+            yield reply.chunk(job, {"content": text})
+            yield reply.chunk(job, {}, {"result": transcript(result)}, finish)
             if reply.include_usage:
                 yield reply.chunk(job, None, result=result)
             yield "data: [DONE]\n\n"

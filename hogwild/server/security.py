@@ -6,7 +6,9 @@ Each answers in OpenAI's error shape, before the app reads anything it does not 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import secrets
 from collections.abc import Iterable
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_.-]+))(?::[0-9]{1,5})?")
+MAX_SHOWN_CHARS = 64
 
 
 def allowed_hosts(bind_host: str, extra: Iterable[str] = ()) -> frozenset[str] | None:
@@ -37,13 +41,17 @@ def allowed_hosts(bind_host: str, extra: Iterable[str] = ()) -> frozenset[str] |
 
 
 def host_name(host: str | None) -> str:
-    """The name in a Host header, without the port and the brackets of an IPv6 address."""
+    """The name in a Host header, without the port and the brackets of an IPv6 address; "" for a
+    header that is not ``name[:port]``, ``[ipv6][:port]`` or a bare IPv6 address (such as
+    ``127.0.0.1:8000@evil.example``)."""
     host = (host or "").strip().lower()
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
+    match = HOST.fullmatch(host)
+    if match is None or match["ip6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(match["ip6"] if match else host))
+        except ValueError:
+            return ""
+    return match["name"].rstrip(".")
 
 
 class HostGuard:
@@ -55,12 +63,13 @@ class HostGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.hosts is not None and scope["type"] in ("http", "websocket"):
-            host = host_name(Headers(scope=scope).get("host"))
+            raw = Headers(scope=scope).get("host") or ""
+            host = host_name(raw)
             if host not in self.hosts:
-                response = error_response(
-                    400, f"the Host header {host!r} is not one this server answers to "
-                    "(start it with --allowed-hosts to add names)", code="invalid_host",
-                )
+                message = (f"the Host header {host!r} is not one this server answers to (start it with "
+                           "--allowed-hosts to add names)" if host else
+                           f"the Host header {raw[:MAX_SHOWN_CHARS]!r} is not a host name with an optional port")
+                response = error_response(400, message, code="invalid_host")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
