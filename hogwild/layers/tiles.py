@@ -125,14 +125,15 @@ class AttentionTiles:
 def shared_bytes(element: int, head_dim: int, rotary: int, rows: int, block_n: int, stages: int) -> int:
     """Upper bound on ``_partial_kernel``'s shared memory: per stage a K tile (two rotary halves of
     HALF_P dims, the REST_P pass-through dims) and a V tile (D_P dims) of block_n keys in the K/V
-    dtype (element bytes), plus float32 staging for the [rows, block_n] probabilities and, for fp32
-    (whose dots run on FMA units from shared memory), a [rows, HALF_P] query half, and ``SLACK``.
-    Checked against the compiler for every variant by ``scripts/compile_kernels.py`` (sm_86, fp32,
-    head_dim 256, 16 keys x 2 stages: 102656 B compiled, 103424 B bound)."""
+    dtype (element bytes), plus float32-sized staging for the [rows, 2 HALF_P + REST_P] queries and
+    the [rows, block_n] probabilities (the compiler keeps some of them in shared memory as dot
+    operands, more on sm_75), and ``SLACK``. Conservative; ``scripts/compile_kernels.py`` checks it
+    against the compiler for every variant it chooses (e.g. sm_75, float16, head_dim 128, 32 keys x 2
+    stages: 49152 B compiled; sm_86, float32, head_dim 256, 16 x 2: 102656 B)."""
     half_p = max(16, _pow2(rotary // 2))
     rest_p = max(16, _pow2(head_dim - rotary)) if head_dim > rotary else 0
     kv = block_n * (2 * half_p + rest_p + _pow2(head_dim)) * element
-    return stages * kv + rows * ((half_p if element == 4 else 0) + block_n) * 4 + SLACK
+    return stages * kv + rows * (2 * half_p + rest_p + block_n) * 4 + SLACK
 
 
 def attention_tiles(limits: DeviceLimits | None, dtype: torch.dtype, head_dim: int, groups: int,
