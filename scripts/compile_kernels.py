@@ -132,12 +132,12 @@ def lean_launches(dtype: torch.dtype) -> None:
         silu_mul(*torch.empty(tokens, 2 * inter, dtype=dtype, device=META).chunk(2, dim=-1))
 
 
-def bound(kernel: JITFunction, bound: dict, options: dict) -> int | None:
+def bound(kernel: JITFunction, bound: dict, options: dict, arch: int) -> int | None:
     """The shared memory the tile choice assumed for an attention variant (None for other kernels)."""
     if kernel.__name__ != "_partial_kernel":
         return None
     return shared_bytes(bound["k_ptr"].element_size(), bound["HEAD_DIM"], 2 * bound["HALF"], bound["BLOCK_M"],
-                        bound["BLOCK_N"], options["num_stages"])
+                        bound["BLOCK_N"], options["num_stages"], arch)
 
 
 def compile_all(launches, limits: DeviceLimits) -> tuple[int, int]:
@@ -154,7 +154,7 @@ def compile_all(launches, limits: DeviceLimits) -> tuple[int, int]:
         seen.add(key)
         flags = ", ".join(f"{k}={v}" for k, v in constants.items())
         start = time.perf_counter()
-        assumed = bound(kernel, args, options)
+        assumed = bound(kernel, args, options, arch)
         try:
             compiled = triton.compile(ASTSource(kernel, types, constants), target=target, options=options)
             shared = compiled.metadata.shared
@@ -205,13 +205,15 @@ def main() -> int:
             if dtype not in limits.dtypes():
                 print(f"sm_{arch} runs no {DTYPE_NAMES[dtype]} (skipped)")
                 continue
+            start = time.perf_counter()
             launches = capture_launches()
             backends = attention_launches(dtype, limits)
             lean_launches(dtype)
             variants, failures = compile_all(launches, limits)
             failed += failures
             result = f"{variants - failures} of {variants} compiled" if failures else f"all {variants} compiled"
-            print(f"{variants - failures} of {variants} {DTYPE_NAMES[dtype]} kernel variants compiled for sm_{arch}")
+            print(f"{variants - failures} of {variants} {DTYPE_NAMES[dtype]} kernel variants compiled for sm_{arch} "
+                  f"({time.perf_counter() - start:.0f} s)")
             rows.append((limits, dtype, backends, result))
     if args.table:
         print(table(rows))

@@ -42,7 +42,8 @@ def test_limits_from_device_properties():
 def test_every_family_fits_every_listed_architecture(limits):
     """Every family in every dtype the architecture runs gets tiles within its limit, except Gemma 3's
     head_dim 256 on a 64 KB T4 and in float32 on 99 KB devices (the torch backend runs it there); the
-    tiles of before (64 keys, 2 stages; 32 keys for fp32 at head_dim 256) stay on H100/H200/B200."""
+    tiles of before (64 keys, 2 stages; 32 keys for fp32 at head_dim 256) stay on H100/H200/B200 and
+    for 16-bit dtypes on sm_80 and newer (but head_dim 256 on 99 KB devices: 32 keys)."""
     for dtype in limits.dtypes():
         for name, (hq, hkv, head_dim, rotary) in FAMILY_SHAPES.items():
             tiles = attention_tiles(limits, dtype, head_dim, hq // hkv, rotary)
@@ -54,6 +55,8 @@ def test_every_family_fits_every_listed_architecture(limits):
                 assert (tiles.block_n, tiles.stages) == (32 if dtype == torch.float32 and head_dim == 256 else 64, 2)
             if head_dim == 64 and limits.shared_memory >= 99 << 10:
                 assert (tiles.block_n, tiles.stages) == (64, 2), (name, dtype)
+            if dtype != torch.float32 and limits.arch >= 80 and (head_dim < 256 or limits.shared_memory > 160 << 10):
+                assert (tiles.block_n, tiles.stages) == (64, 2), (name, dtype)  # 16-bit on sm_80+: as before
 
 
 @settings(max_examples=200, deadline=None)
@@ -71,7 +74,8 @@ def test_tiles_fit_or_refuse(limits, dtype, head_dim, rotary_part, groups):
     tiles = attention_tiles(limits, dtype, head_dim, groups, rotary)
     element = torch.empty(0, dtype=dtype).element_size()
     rows = block_m(groups)
-    fits = [c for c in CANDIDATES if shared_bytes(element, head_dim, rotary, rows, *c) <= limits.shared_memory]
+    fits = [c for c in CANDIDATES
+            if shared_bytes(element, head_dim, rotary, rows, *c, limits.arch) <= limits.shared_memory]
     if tiles is None:
         assert not fits
         assert triton_refusal(limits, dtype, head_dim, groups, rotary) is not None

@@ -120,7 +120,7 @@ def test_triton_equals_reference_fp32(seed, workers, sessions, groups, head_dim,
 def test_tiles_sized_for_a_small_device_equal_reference(tiles, device):
     """A simulated device with just the shared memory of smaller tiles (``tiles.attention_tiles``) gets
     them, and the same attention; one with too little for any tile gets a clear error, not a launch."""
-    shared = shared_bytes(4, 64, 64, 64, *tiles)
+    shared = shared_bytes(4, 64, 64, 64, *tiles, 86)
     chosen = attention_tiles(DeviceLimits("small", 86, shared, True), torch.float32, 64, 3)
     assert (chosen.block_n, chosen.stages) == tiles
     plan, query, key = random_pass(11, 4, 2, 2, 3, 64, 9, 4, torch.float32, device)

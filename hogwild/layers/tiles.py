@@ -122,18 +122,20 @@ class AttentionTiles:
     shared: int
 
 
-def shared_bytes(element: int, head_dim: int, rotary: int, rows: int, block_n: int, stages: int) -> int:
+def shared_bytes(element: int, head_dim: int, rotary: int, rows: int, block_n: int, stages: int, arch: int) -> int:
     """Upper bound on ``_partial_kernel``'s shared memory: per stage a K tile (two rotary halves of
     HALF_P dims, the REST_P pass-through dims) and a V tile (D_P dims) of block_n keys in the K/V
-    dtype (element bytes), plus float32-sized staging for the [rows, 2 HALF_P + REST_P] queries and
-    the [rows, block_n] probabilities (the compiler keeps some of them in shared memory as dot
-    operands, more on sm_75), and ``SLACK``. Conservative; ``scripts/compile_kernels.py`` checks it
-    against the compiler for every variant it chooses (e.g. sm_75, float16, head_dim 128, 32 keys x 2
-    stages: 49152 B compiled; sm_86, float32, head_dim 256, 16 x 2: 102656 B)."""
+    dtype (element bytes), plus float32 staging for the [rows, block_n] probabilities and, for
+    float32 (dots on FMA units) or before sm_80 (no asynchronous copies), for the [rows, 2 HALF_P +
+    REST_P] queries, which the compiler then keeps in shared memory; and ``SLACK``. Conservative;
+    ``scripts/compile_kernels.py`` checks it against the compiler for every variant it chooses (e.g.
+    sm_75, float16, head_dim 128, 16 keys x 2 stages: 49152 B compiled; sm_86, float32, head_dim
+    256, 16 x 2: 102656 B; sm_86, bfloat16, head_dim 128, 32 x 2: 28672 B)."""
     half_p = max(16, _pow2(rotary // 2))
     rest_p = max(16, _pow2(head_dim - rotary)) if head_dim > rotary else 0
     kv = block_n * (2 * half_p + rest_p + _pow2(head_dim)) * element
-    return stages * kv + rows * (2 * half_p + rest_p + block_n) * 4 + SLACK
+    queries = 2 * half_p + rest_p if element == 4 or arch < 80 else 0
+    return stages * kv + rows * (queries + block_n) * 4 + SLACK
 
 
 def attention_tiles(limits: DeviceLimits | None, dtype: torch.dtype, head_dim: int, groups: int,
@@ -152,7 +154,7 @@ def attention_tiles(limits: DeviceLimits | None, dtype: torch.dtype, head_dim: i
     for block_n, stages in CANDIDATES:
         if block_n > longest:
             continue
-        shared = shared_bytes(element, head_dim, rotary, rows, block_n, stages)
+        shared = shared_bytes(element, head_dim, rotary, rows, block_n, stages, limits.arch if limits else 90)
         if limits is None or shared <= limits.shared_memory:
             return AttentionTiles(rows, block_n, stages, shared)
     return None
@@ -167,7 +169,7 @@ def triton_refusal(limits: DeviceLimits, dtype: torch.dtype, head_dim: int, grou
         return f"{limits} has no {DTYPE_NAMES.get(dtype, dtype)}"
     if attention_tiles(limits, dtype, head_dim, groups, rotary) is None:
         smallest = shared_bytes(torch.empty(0, dtype=dtype).element_size(), head_dim, rotary or head_dim,
-                                block_m(groups), *CANDIDATES[-1])
+                                block_m(groups), *CANDIDATES[-1], limits.arch)
         return (f"its smallest {DTYPE_NAMES.get(dtype, dtype)} attention tile at head_dim {head_dim} needs "
                 f"{smallest} B of shared memory, more than the {limits.shared_memory} B of {limits}")
     return None
