@@ -21,7 +21,10 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
         f"({', '.join(RANDOM_CONFIGS)}; nothing is downloaded)",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on a CUDA device that has it, float16 on one that does not, float32 on the CPU",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +51,7 @@ def load_from_args(args):
     from .errors import InputError
     from .model import load_model, random_model
 
-    dtype = getattr(torch, args.dtype)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # load_model checks it against the device
     preset = getattr(args, "random_config", None)
     tp = getattr(args, "tp", None)
     if tp is not None and tp < 1:

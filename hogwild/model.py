@@ -27,6 +27,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, A
 from .errors import HogwildError, ModelLoadError, UnsupportedModelError
 from .layers.attention import PassPlan, concurrent_attention, reference_attention
 from .layers.rope import SUPPORTED_ROPE_TYPES
+from .layers.tiles import device_limits, model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -304,14 +305,17 @@ def resolve(name_or_path: str | None) -> tuple[str, str]:
 
 
 def load_model(
-    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
     tp: int | None = None,
 ) -> LoadedModel:
     """Load a supported causal LM for hogwild (None = the embedded SmolLM2-135M-Instruct).
 
-    tp: shard it by transformers' TP plan over this many ``torchrun`` ranks (``hogwild.distributed``);
-    the head counts are checked from the config before anything else happens.
+    dtype: None picks the device's (``model_dtype``: bfloat16 on CUDA where supported, else float16;
+    float32 on the CPU); one the CUDA device lacks is refused before anything loads. tp: shard it by
+    transformers' TP plan over this many ``torchrun`` ranks (``hogwild.distributed``); the head counts
+    are checked from the config before anything else happens.
     """
+    dtype = model_dtype(dtype, device_limits(device))
     name, source = resolve(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -431,10 +435,12 @@ def random_tokenizer(vocab_size: int):
     return out
 
 
-def random_model(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def random_model(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
                  seed: int = 0) -> LoadedModel:
     """A random-weight model from a hand-built config (``RANDOM_CONFIGS``), built on ``device``,
-    with ``random_tokenizer``: its text is noise, its speed and memory are the real shape's."""
+    with ``random_tokenizer``: its text is noise, its speed and memory are the real shape's. dtype:
+    as ``load_model``'s."""
+    dtype = model_dtype(dtype, device_limits(device))
     from transformers import Qwen2Config
 
     from .errors import InputError

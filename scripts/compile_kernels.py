@@ -1,14 +1,20 @@
-"""Compile every Triton kernel variant hogwild launches for a GPU architecture, on a machine
+"""Compile every Triton kernel variant hogwild launches for GPU architectures, on a machine
 without a GPU: Triton's interpreter accepts code that the GPU compiler rejects (``tl.dot`` shapes,
 layouts), so this catches it before device time is spent.
 
 The launchers (``triton_attention``, ``rms_norm``, ``rope_store``, ``silu_mul``) run on meta
-tensors (shapes, strides and dtypes, no data) with each kernel's ``run`` replaced by a capture;
-each captured launch is compiled with ``triton.compile`` down to a cubin for the target.
+tensors (shapes, strides and dtypes, no data) with each kernel's ``run`` replaced by a capture and
+the attention tiles chosen for the target's limits (``hogwild/layers/tiles.py``: ``ARCH_LIMITS``);
+each captured launch is compiled with ``triton.compile`` down to a cubin for the target. A variant
+fails if it does not compile, if its shared memory passes the architecture's limit, or if it passes
+the bound the tile choice assumed. A family whose attention no tile fits runs the torch backend
+there (reported, not a failure).
 
-    TRITON_INTERPRET=0 .venv/bin/python scripts/compile_kernels.py --arch 90   # H100/H200
+    .venv/bin/python scripts/compile_kernels.py --arch 90                  # H100/H200, its dtypes
+    .venv/bin/python scripts/compile_kernels.py --arch all --dtypes default --table
 
-Prints one line per kernel variant and exits 1 if any fails to compile.
+Prints one line per kernel variant (and with ``--table`` a Markdown table of what runs on each
+architecture) and exits 1 if any variant fails.
 """
 
 from __future__ import annotations
@@ -27,27 +33,22 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from hogwild.layers.attention import TRITON_CHUNK, triton_block_m  # noqa: E402
+from hogwild.layers.attention import TRITON_CHUNK  # noqa: E402
 from hogwild.layers.fused import rms_norm, rope_store, silu_mul  # noqa: E402
+from hogwild.layers.tiles import (  # noqa: E402
+    ARCH_LIMITS,
+    DTYPE_NAMES,
+    FAMILY_SHAPES,
+    DeviceLimits,
+    attention_tiles,
+    block_m,
+    shared_bytes,
+)
 from hogwild.layers.triton_attention import DeviceMeta, triton_attention  # noqa: E402
 
 META = torch.device("meta")
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
                  torch.int64: "*i64"}
-#: Shared memory a block may use, in bytes, by compute capability (CUDA's opt-in maximum); a kernel
-#: over it compiles but fails at launch.
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-#: Attention shapes (query heads, K/V heads, head_dim, rotary dims) of the supported families.
-ATTENTION_SHAPES = {
-    "SmolLM2-135M": (9, 3, 64, 64),
-    "Qwen2.5-7B": (28, 4, 128, 128),
-    "Llama-3-8B": (32, 8, 128, 128),
-    "gpt-oss-20b": (64, 8, 64, 64),
-    "Gemma-3-270M": (4, 1, 256, 256),
-    "Phi-4-mini (partial rotary)": (24, 8, 128, 96),
-}
-
-
 def capture_launches() -> list[tuple[JITFunction, dict, dict]]:
     """Replace ``JITFunction.run`` by a capture: (kernel, arguments by name, launch options)."""
     launches = []
@@ -83,23 +84,31 @@ def signature(kernel: JITFunction, bound: dict) -> tuple[dict, dict]:
     return types, constants
 
 
-def attention_launches(dtype: torch.dtype) -> None:
-    """Every flag combination the families use, for decode (T = 1) and prefill chunks (T = 16)."""
-    for name, (hq, hkv, d, rotary) in ATTENTION_SHAPES.items():
+def attention_launches(dtype: torch.dtype, limits: DeviceLimits) -> dict[str, str]:
+    """Every flag combination the families use, for decode (T = 1) and prefill chunks (T = 16), with
+    the tiles chosen for ``limits``. Returns what runs each family's attention: "triton N x S" (keys
+    per tile x pipeline stages) or "torch" (no tile fits: nothing launched)."""
+    backends = {}
+    for name, (hq, hkv, d, rotary) in FAMILY_SHAPES.items():
         groups = hq // hkv
+        tiles = attention_tiles(limits, dtype, d, groups, rotary, TRITON_CHUNK)
+        backends[name] = "torch" if tiles is None else f"triton {tiles.block_n}x{tiles.stages}"
+        if tiles is None:
+            continue
         for T in (1, 16):
             meta = DeviceMeta.allocate(rows=4, items=64, pairs=16, pcs=64, pages=64, T=T, q_heads=hq, groups=groups,
                                        head_dim=d, page_size=32, device=META, chunk=TRITON_CHUNK,
-                                       block_m=triton_block_m(groups), rotary=rotary, tables=2)
+                                       block_m=block_m(groups), rotary=rotary, tables=2)
             query = torch.empty(4, T, hq, d, dtype=dtype, device=META).transpose(1, 2)
             pool = torch.empty(hkv, 64 * 32, d, dtype=dtype, device=META)
             shares = (torch.empty(64, dtype=torch.int32, device=META), torch.empty(16, device=META))
-            triton_attention(query, pool, pool, meta, 0.125)
+            triton_attention(query, pool, pool, meta, 0.125, limits=limits)
             if name in ("gpt-oss-20b", "Gemma-3-270M"):  # windows, sinks, soft-cap, a second RoPE table
                 triton_attention(query, pool, pool, meta, 0.125, shares, window=128,
-                                 sinks=torch.empty(hq, device=META), softcap=50.0, table=1)
+                                 sinks=torch.empty(hq, device=META), softcap=50.0, table=1, limits=limits)
             if name == "Qwen2.5-7B":  # collaboration statistics
-                triton_attention(query, pool, pool, meta, 0.125, shares)
+                triton_attention(query, pool, pool, meta, 0.125, shares, limits=limits)
+    return backends
 
 
 def lean_launches(dtype: torch.dtype) -> None:
@@ -123,19 +132,21 @@ def lean_launches(dtype: torch.dtype) -> None:
         silu_mul(*torch.empty(tokens, 2 * inter, dtype=dtype, device=META).chunk(2, dim=-1))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
-    parser.add_argument("--dtypes", default="bfloat16,float16,float32")
-    args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    launches = capture_launches()
-    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
-        attention_launches(dtype)
-        lean_launches(dtype)
-    seen, failed = set(), 0
-    for kernel, bound, options in launches:
-        types, constants = signature(kernel, bound)
+def bound(kernel: JITFunction, bound: dict, options: dict, arch: int) -> int | None:
+    """The shared memory the tile choice assumed for an attention variant (None for other kernels)."""
+    if kernel.__name__ != "_partial_kernel":
+        return None
+    return shared_bytes(bound["k_ptr"].element_size(), bound["HEAD_DIM"], 2 * bound["HALF"], bound["BLOCK_M"],
+                        bound["BLOCK_N"], options["num_stages"], arch)
+
+
+def compile_all(launches, limits: DeviceLimits) -> tuple[int, int]:
+    """Compile the captured launches (each variant once) for ``limits.arch``, one line per variant.
+    Returns (variants, failures)."""
+    arch, seen, failed = limits.arch, set(), 0
+    target = GPUTarget("cuda", arch, 32)
+    for kernel, args, options in launches:
+        types, constants = signature(kernel, args)
         key = (kernel.__name__, tuple(sorted(types.items())), tuple(sorted((k, str(v)) for k, v in constants.items())),
                tuple(sorted(options.items())))
         if key in seen:
@@ -143,19 +154,69 @@ def main() -> int:
         seen.add(key)
         flags = ", ".join(f"{k}={v}" for k, v in constants.items())
         start = time.perf_counter()
+        assumed = bound(kernel, args, options, arch)
         try:
             compiled = triton.compile(ASTSource(kernel, types, constants), target=target, options=options)
             shared = compiled.metadata.shared
-            status = (f"ok ({len(compiled.asm['cubin'])} B cubin, {shared} B shared memory, "
-                      f"{time.perf_counter() - start:.1f} s)")
-            if shared > SHARED_LIMIT.get(args.arch, 101376):
+            status = (f"ok ({len(compiled.asm['cubin'])} B cubin, {shared} B shared memory"
+                      f"{'' if assumed is None else f' of {assumed} B assumed'}, {time.perf_counter() - start:.1f} s)")
+            if shared > limits.shared_memory:
                 failed += 1
-                status = f"FAILED: {shared} B of shared memory, more than sm_{args.arch} allows"
+                status = f"FAILED: {shared} B of shared memory, more than sm_{arch}'s {limits.shared_memory} B"
+            elif assumed is not None and shared > assumed:
+                failed += 1
+                status = f"FAILED: {shared} B of shared memory, more than the {assumed} B the tile choice assumed"
         except Exception as exc:  # noqa: BLE001 - report every failing variant, then exit 1
             failed += 1
             status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        print(f"sm_{args.arch} {kernel.__name__}[{flags}]: {status}", flush=True)
-    print(f"{len(seen) - failed} of {len(seen)} kernel variants compiled for sm_{args.arch}")
+        print(f"sm_{arch} {kernel.__name__}[{flags}, num_stages={options.get('num_stages')}]: {status}", flush=True)
+    return len(seen), failed
+
+
+def table(rows: list[tuple[DeviceLimits, torch.dtype, dict[str, str], str]]) -> str:
+    """Markdown: per architecture and dtype, what runs each family's attention, and the check's result."""
+    families = list(FAMILY_SHAPES)
+    lines = ["| GPUs | arch | shared memory | dtype | " + " | ".join(families) + " | compile check |",
+             "|" + "---|" * (len(families) + 5)]
+    for limits, dtype, backends, result in rows:
+        default = " (default)" if dtype == limits.dtypes()[0] else ""
+        lines.append(f"| {limits.name} | sm_{limits.arch} | {limits.shared_memory // 1024} KB | "
+                     f"{DTYPE_NAMES[dtype]}{default} | " + " | ".join(backends[f] for f in families) + f" | {result} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90",
+                        help=f"compute capabilities x 10, comma-separated, or all ({', '.join(map(str, ARCH_LIMITS))})")
+    parser.add_argument("--dtypes", default="all",
+                        help="comma-separated dtypes, 'default' (each architecture's default) or 'all' (all it runs)")
+    parser.add_argument("--table", action="store_true", help="print a Markdown table of what runs where at the end")
+    args = parser.parse_args()
+    archs = list(ARCH_LIMITS) if args.arch == "all" else [int(a) for a in args.arch.split(",")]
+    rows, failed = [], 0
+    for arch in archs:
+        limits = DeviceLimits.for_arch(arch)
+        if args.dtypes in ("all", "default"):
+            dtypes = limits.dtypes()[: 1 if args.dtypes == "default" else None]
+        else:
+            dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+        for dtype in dtypes:
+            if dtype not in limits.dtypes():
+                print(f"sm_{arch} runs no {DTYPE_NAMES[dtype]} (skipped)")
+                continue
+            start = time.perf_counter()
+            launches = capture_launches()
+            backends = attention_launches(dtype, limits)
+            lean_launches(dtype)
+            variants, failures = compile_all(launches, limits)
+            failed += failures
+            result = f"{variants - failures} of {variants} compiled" if failures else f"all {variants} compiled"
+            print(f"{variants - failures} of {variants} {DTYPE_NAMES[dtype]} kernel variants compiled for sm_{arch} "
+                  f"({time.perf_counter() - start:.0f} s)")
+            rows.append((limits, dtype, backends, result))
+    if args.table:
+        print(table(rows))
     return 1 if failed else 0
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hogwild.cache import SharedCache  # noqa: E402
 from hogwild.engine.runner import WorkerStep, plan_pass  # noqa: E402
 from hogwild.layers.attention import reference_attention  # noqa: E402
+from hogwild.layers.tiles import CANDIDATES, DeviceLimits, attention_tiles, shared_bytes  # noqa: E402
 from hogwild.layers.triton_attention import DeviceMeta, build_meta, triton_attention  # noqa: E402
 
 
@@ -113,6 +114,24 @@ def test_triton_equals_reference_fp32(seed, workers, sessions, groups, head_dim,
     )
     out, _ = run(plan, query, groups, page_size, chunk, block_m)
     check(plan, query, key, out, 1e-5)
+
+
+@pytest.mark.parametrize("tiles", [(32, 2), (16, 2), (16, 1)])
+def test_tiles_sized_for_a_small_device_equal_reference(tiles, device):
+    """A simulated device with just the shared memory of smaller tiles (``tiles.attention_tiles``) gets
+    them, and the same attention; one with too little for any tile gets a clear error, not a launch."""
+    shared = shared_bytes(4, 64, 64, 64, *tiles, 86)
+    chosen = attention_tiles(DeviceLimits("small", 86, shared, True), torch.float32, 64, 3)
+    assert (chosen.block_n, chosen.stages) == tiles
+    plan, query, key = random_pass(11, 4, 2, 2, 3, 64, 9, 4, torch.float32, device)
+    host = build_meta(plan.rows, plan.T, 3, 4, plan.cache.host_inv_freq, 256, 64)
+    meta = DeviceMeta.from_host(host, query.shape[1], query.device)
+    keys, values = plan.cache.keys[0], plan.cache.values[0]
+    out = triton_attention(query, keys, values, meta, 64**-0.5, limits=DeviceLimits("small", 86, shared, True))
+    check(plan, query, key, out, 1e-5)
+    if tiles == CANDIDATES[-1]:
+        with pytest.raises(ValueError, match=f"more than the {shared - 1} B of small"):
+            triton_attention(query, keys, values, meta, 64**-0.5, limits=DeviceLimits("small", 86, shared - 1, True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from ..layers.attention import PAD_SLOT, TRITON_CHUNK, PassPlan, StaticBuffers, triton_block_m
+from ..layers.attention import PAD_SLOT, TRITON_CHUNK, PassPlan, StaticBuffers
+from ..layers.tiles import block_m
 from ..layers.triton_attention import DeviceMeta
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Bucket:
             rows=rows, items=items, pairs=rows * MAX_ENTRIES, pcs=rows * (chunks + MAX_ENTRIES),
             pages=cache.num_pages, T=1, q_heads=model.groups * cache.num_kv_heads, groups=model.groups,
             head_dim=cache.head_dim, page_size=cache.page_size, device=device,
-            chunk=TRITON_CHUNK, block_m=triton_block_m(model.groups),
+            chunk=TRITON_CHUNK, block_m=block_m(model.groups),
             rotary=2 * cache.host_inv_freq.shape[-1], tables=len(cache.host_rope_tables),
         )
         self.static = StaticBuffers(torch.full((rows,), PAD_SLOT, dtype=torch.long, device=device), meta)
@@ -116,7 +117,7 @@ class DecodeGraphs:
         """At least the work items ``build_meta`` makes for a decode pass: per block read, its key
         chunks times the runs of readers that fit one tile."""
         groups = self.runner.model.groups
-        per_tile = triton_block_m(groups) // groups
+        per_tile = block_m(groups) // groups
         readers: dict[int, list] = {}
         for step in steps:
             for block in step.view:

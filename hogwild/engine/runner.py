@@ -16,6 +16,7 @@ import torch
 from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
 from ..layers.attention import BACKENDS, PassPlan, Row, StaticBuffers, ViewEntry
+from ..layers.tiles import device_limits, fast_path
 from ..model import TRITON_FEATURES, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ class Runner:
                 raise InputError(f"the triton backend does not support {', '.join(unsupported)} yet "
                                  f"({model.name} needs them); use --attention torch")
             attention = "torch"
+        if attention == "triton":  # the device's limits: tiles that fit, the dtype (before the cache is made)
+            attention = fast_path(asked, device_limits(model.device), model.dtype, model.head_dim, model.groups,
+                                  2 * model.inv_freq.shape[-1])
         cache = SharedCache.for_memory(
             model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype, model.device,
             kv_memory or default_kv_memory(model),

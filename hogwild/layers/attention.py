@@ -35,6 +35,7 @@ import torch
 
 from ..cache import Block, SharedCache
 from .rope import rotate_by, rotation
+from .tiles import block_m as triton_block_m
 
 
 @dataclass
@@ -214,11 +215,6 @@ BACKENDS = ("torch", "triton", "reference")
 
 #: Keys per work item of the triton backend (an 8k block with 4 K/V heads: 32 x 4 = 128 programs).
 TRITON_CHUNK = 256
-
-
-def triton_block_m(groups: int) -> int:
-    """Query rows per triton work item: 64, or the next power of two that holds one GQA group."""
-    return max(64, 1 << (groups - 1).bit_length())
 
 
 #: The pool slot that padded positions of a pass write to (page 0 is never given to a block).

@@ -18,9 +18,9 @@ pair over one chunk; the pcs of a row are one contiguous range, merged by log-su
 Launch 1, ``_partial_kernel``, grid (item capacity, kv_heads), 4 warps: tile rows are
 (pair, group member, token) of the item, BLOCK_M = ``block_m`` >= 16 of them (padding masked).
 Each row's query is rotated by its pair's cos/sin in fp32, split in halves so that the scores are
-``q1' k1^T + q2' k2^T``; the chunk is walked in BLOCK_N = 64-key tiles (fewer for chunks under
-64, and 32 where a 64-key tile would pass 32 KB: fp32 at head_dim 256) gathered through the page
-table; online softmax in exp2 with the scale folded in; m, l, acc go to the pc workspace.
+``q1' k1^T + q2' k2^T``; the chunk is walked in BLOCK_N-key tiles gathered through the page table
+(64 keys, 2 pipeline stages, or smaller where the device's shared memory needs it: ``tiles.py``);
+online softmax in exp2 with the scale folded in; m, l, acc go to the pc workspace.
 Launch 2, ``_merge_kernel``, grid (rows, q_heads, cdiv(T, BLOCK_T)): merges a row's pcs in
 (PC_BLOCK pcs x BLOCK_T tokens) = 16 tiles (16 x 1 for decode, 1 x 16 for prefill), skipping
 (pc, token) pairs whose token does not reach the chunk, and writes out[b, t, hq, :]; padding
@@ -52,6 +52,7 @@ import triton.language as tl
 
 from .attention import Row
 from .rope import RotationRows
+from .tiles import DeviceLimits, attention_tiles, device_limits, triton_refusal
 
 #: Columns of the int32 tables (the kernels index them by these positions).
 ITEM_FIELDS = ("pair0", "pairs", "t0", "tokens", "k0", "k1", "chunk", "page_base")
@@ -480,6 +481,7 @@ def triton_attention(
     query: torch.Tensor, layer_keys: torch.Tensor, layer_values: torch.Tensor, meta: DeviceMeta, scaling: float,
     shares: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None,
     sinks: torch.Tensor | None = None, softcap: float | None = None, table: int = 0,
+    limits: DeviceLimits | None = None,
 ) -> torch.Tensor:
     """Concurrent attention of a pass's rows over their views (two launches, capture-safe).
 
@@ -491,8 +493,9 @@ def triton_attention(
     are the plain ones): window, a sliding window W (a query at view position p sees keys in
     (p - W, p]); sinks, [Hq] sink logits; softcap, scores become ``softcap * tanh(score / softcap)``;
     table, the layer's RoPE table (``cache.layer_rope[layer]``). Partial rotary comes from the
-    metadata (``meta.rotary`` < D). Returns out [B, T, Hq, D] in query's dtype, zeros at padding. On
-    CPU tensors (Triton's interpreter) tiles are computed in fp32.
+    metadata (``meta.rotary`` < D). limits: the device the tiles are sized for (``tiles.attention_tiles``;
+    None: the query's device, read once; on the CPU no limit). Returns out [B, T, Hq, D] in query's
+    dtype, zeros at padding. On CPU tensors (Triton's interpreter) tiles are computed in fp32.
     """
     B, Hq, T, D = query.shape
     Hkv = layer_keys.shape[0]
@@ -516,9 +519,10 @@ def triton_attention(
     half, rest = meta.rotary // 2, D - meta.rotary
     cap_in, cap_out = (scaling / softcap, softcap * _LOG2E) if softcap else (1.0, 1.0)
     ws_pc, ws_h = meta.m.stride(0), meta.m.stride(1)
-    block_n = max(16, min(64, 1 << (meta.chunk.bit_length() - 1)))
-    while block_n > 16 and block_n * D_P * layer_keys.element_size() > 32 << 10:  # fp32 at head_dim 256: the
-        block_n //= 2  # double-buffered K/V tiles must fit an A100's shared memory (scripts/compile_kernels.py)
+    limits = device_limits(query.device) if limits is None else limits
+    tiles = attention_tiles(limits, layer_keys.dtype, D, meta.groups, meta.rotary, meta.chunk, meta.block_m)
+    if tiles is None:
+        raise ValueError(triton_refusal(limits, layer_keys.dtype, D, meta.groups, meta.rotary))
     _partial_kernel[(meta.caps["items"], Hkv)](
         query, layer_keys, layer_values, meta.count, meta.items, meta.pairs, meta.pages, meta.trig[table],
         meta.m, meta.l, meta.acc,
@@ -526,10 +530,10 @@ def triton_attention(
         ws_pc, ws_h, scaling * _LOG2E, window or 0, cap_in, cap_out,
         GROUPS=meta.groups, HEAD_DIM=D, HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), D_P=D_P,
         PAGE=meta.page_size,
-        BLOCK_M=meta.block_m, BLOCK_N=block_n,
+        BLOCK_M=meta.block_m, BLOCK_N=tiles.block_n,
         DOT_DTYPE=dot_dtype, PRECISION=precision, WINDOW=window is not None, SOFTCAP=bool(softcap),
         PARTIAL=rest > 0, REST_P=max(16, triton.next_power_of_2(max(rest, 1))),
-        num_warps=4, num_stages=2,  # fastest on an H200 (vs 8 warps, 3)
+        num_warps=4, num_stages=tiles.stages,  # 4 warps: fastest on an H200 (vs 8 warps, 3 stages)
     )
     out = torch.empty(B, T, Hq, D, dtype=query.dtype, device=query.device)
     pc_pair, layer_stats = shares if shares is not None else (meta.rows, meta.rows)  # not read without COLLAB
