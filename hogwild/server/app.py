@@ -136,7 +136,8 @@ def create_app(
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "hogwild"}
+            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "hogwild",
+             "quantization": engine.model.quantization, "weight_bytes": engine.model.weight_bytes}
         ]}
 
     @app.post("/v1/chat/completions")
