@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -345,9 +346,10 @@ def load_model(
     try:
         if quantization is not None:  # placed by transformers' quantizers (a quantized model cannot be moved)
             extra = {} if quantize is None else {"quantization_config": quantization_config(quantize, dtype)}
-            model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=dtype, attn_implementation=ATTENTION_NAME, device_map=device, **extra
-            ).eval()
+            with contextlib.redirect_stdout(sys.stderr):  # gptqmodel prints a banner: stdout stays for --json
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, config=config, dtype=dtype, attn_implementation=ATTENTION_NAME, device_map=device, **extra
+                ).eval()
         elif group is None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
             model.to(device).eval()

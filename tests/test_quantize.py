@@ -87,7 +87,7 @@ def test_quantized_at_load_on_the_triton_backend_and_the_lean_decoder(scheme, de
     loaded = load_model(str(dense_folder), dtype=torch.float32, quantize=scheme)
     runner = Runner.for_model(loaded, "triton")
     assert runner.attention == "triton" and runner.lean is not None
-    check_decoding(loaded, runner, 8, 4, workers=2)
+    check_decoding(loaded, runner, 6, 3, workers=2)
 
 
 def test_the_embedded_model_quantizes(model):
@@ -98,7 +98,7 @@ def test_the_embedded_model_quantizes(model):
     embeddings = model.model.get_input_embeddings().weight.numel() * 4  # tied to the LM head: stays dense
     ratio = (loaded.weight_bytes - embeddings) / (model.weight_bytes - embeddings)
     assert 0.25 <= ratio < 0.26, ratio
-    check_decoding(loaded, Runner.for_model(loaded, "torch"), 16, 8, workers=2)
+    check_decoding(loaded, Runner.for_model(loaded, "torch"), 8, 4, workers=2)
 
 
 def test_gguf_leftover_is_dense():
