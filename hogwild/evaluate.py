@@ -49,7 +49,7 @@ DATASETS = {
 HOGWILD_LAYOUTS = ("combined", "contiguous", "interleaved")
 BASELINES = ("single", "independent")
 #: Settings a resumed run must share with the rows already in DIR.
-RUN_KEYS = ("dataset", "model", "dtype", "workers", "seed", "temperature", "top_p", "collab_every")
+RUN_KEYS = ("dataset", "model", "dtype", "quantize", "workers", "seed", "temperature", "top_p", "collab_every")
 
 
 # -- configuration and rows ---------------------------------------------------------------------
@@ -79,6 +79,7 @@ class EvalConfig:
     collab_every: int | None = None
     model: str | None = None
     dtype: str = "float32"
+    quantize: str | None = None  # --quantize (hogwild.quantize.SCHEMES)
     batch: int = 1  # runs in flight at once, their workers sharing each forward pass
     collab_stats: bool = False  # attention shares every pass (collab.jsonl, collaboration.png)
 
@@ -115,7 +116,7 @@ class EvalConfig:
     def run_info(self) -> dict[str, Any]:
         """What run.json records: the settings that decide the rows."""
         return {
-            "dataset": self.label, "model": self.model or "embedded", "dtype": self.dtype,
+            "dataset": self.label, "model": self.model or "embedded", "dtype": self.dtype, "quantize": self.quantize,
             "workers": self.workers, "seed": self.seed, "temperature": self.temperature,
             "top_p": self.top_p, "collab_every": self.collab_every,
         }
@@ -771,7 +772,8 @@ def run_eval(args) -> int:
         dataset=args.dataset, out=args.out or Path("eval-results") / label, limit=args.limit,
         workers=args.workers, layouts=args.layouts, baselines=args.baselines, budgets=args.budgets,
         seed=args.seed, temperature=args.temperature, top_p=args.top_p, collab_every=args.collab_every,
-        model=args.model, dtype=args.dtype, batch=args.batch, collab_stats=args.collab_stats,
+        model=args.model, dtype=args.dtype or ("bfloat16" if args.quantize else "float32"), quantize=args.quantize,
+        batch=args.batch, collab_stats=args.collab_stats,
     )
     _sampling(config)  # bad temperature / top-p fail here, before anything runs
 

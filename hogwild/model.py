@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .errors import HogwildError, ModelLoadError, UnsupportedModelError
 from .layers.attention import PassPlan, concurrent_attention, reference_attention
 from .layers.rope import SUPPORTED_ROPE_TYPES
 from .layers.tiles import device_limits, model_dtype
+from .quantize import check_quantization, default_dtype, drop_gguf_leftover, quantization_config, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,12 @@ class LoadedModel:
     scaling: float
     tp: object | None = None  # hogwild.distributed.TPGroup under --tp; num_kv_heads is then this rank's
     features: tuple[str, ...] = ()
+    quantization: str | None = None  # "int8"/"nf4" (--quantize), a checkpoint's quant_method, or None (dense)
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (quantized ones packed; this rank's shards under --tp)."""
+        return weight_bytes(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -270,6 +278,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     except Exception as exc:  # transformers raises many types here
         raise ModelLoadError(f"cannot load GGUF file {gguf}: {exc}") from exc
     model.hf_quantizer = None  # a dequantised GGUF model is plain weights; allow saving it
+    drop_gguf_leftover(model.config)  # ... and say so in its config.json, so that it can be quantized
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -305,17 +314,22 @@ def resolve(name_or_path: str | None) -> tuple[str, str]:
 
 
 def load_model(
-    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-    tp: int | None = None,
+    name_or_path: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    tp: int | None = None, quantize: str | None = None,
 ) -> LoadedModel:
     """Load a supported causal LM for hogwild (None = the embedded SmolLM2-135M-Instruct).
 
-    dtype: None picks the device's (``model_dtype``: bfloat16 on CUDA where supported, else float16;
-    float32 on the CPU); one the CUDA device lacks is refused before anything loads. tp: shard it by
-    transformers' TP plan over this many ``torchrun`` ranks (``hogwild.distributed``); the head counts
-    are checked from the config before anything else happens.
+    dtype: None picks one: on CUDA the device's (``model_dtype``: bfloat16 where supported, else
+    float16), on the CPU float32, or bfloat16 for quantized weights (``quantize.default_dtype``); a
+    dtype the CUDA device lacks is refused before anything loads. tp: shard it by transformers' TP
+    plan over this many ``torchrun`` ranks (``hogwild.distributed``); the head counts are checked from
+    the config before anything else happens. quantize: a scheme of ``hogwild.quantize.SCHEMES``
+    applied at load; a checkpoint that is already quantized (GPTQ, AWQ, FP8, ...) loads as it is
+    without it. Refusals come before any weight is read.
     """
-    dtype = model_dtype(dtype, device_limits(device))
+    limits = device_limits(device)
+    if dtype is not None or limits is not None:
+        dtype = model_dtype(dtype, limits)
     name, source = resolve(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -325,6 +339,9 @@ def load_model(
             f"Hugging Face hub or in its local cache ({type(exc).__name__})"
         ) from exc
     check_supported(config)
+    drop_gguf_leftover(config)  # a converted GGUF folder (the embedded model's) holds dense weights
+    quantization = check_quantization(config, quantize, device, tp)
+    dtype = dtype or default_dtype(quantization)  # the CPU's default
     group = None
     if tp is not None and tp > 1:
         from .distributed import check_heads, init_tp, local_kv_heads
@@ -333,7 +350,13 @@ def load_model(
         group = init_tp(tp, device)
     start = time.perf_counter()
     try:
-        if group is None:
+        if quantization is not None:  # placed by transformers' quantizers (a quantized model cannot be moved)
+            extra = {} if quantize is None else {"quantization_config": quantization_config(quantize, dtype)}
+            with contextlib.redirect_stdout(sys.stderr):  # gptqmodel prints a banner: stdout stays for --json
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, config=config, dtype=dtype, attn_implementation=ATTENTION_NAME, device_map=device, **extra
+                ).eval()
+        elif group is None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
             model.to(device).eval()
         else:
@@ -345,7 +368,7 @@ def load_model(
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
-    log.info("loaded %s in %.2f s", name, time.perf_counter() - start)
+    log.info("loaded %s (%s weights) in %.2f s", name, quantization or "dense", time.perf_counter() - start)
     attention = model.get_decoder().layers[0].self_attn
     inv_freq = rope_tables(model, config.num_hidden_layers)
     check_layers(model)
@@ -361,6 +384,7 @@ def load_model(
         scaling=attention.scaling,
         tp=group,
         features=attention_features(config, inv_freq, attention.head_dim),
+        quantization=quantization,
     )
 
 
@@ -435,7 +459,7 @@ def random_tokenizer(vocab_size: int):
     return out
 
 
-def random_model(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
+def random_model(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  seed: int = 0) -> LoadedModel:
     """A random-weight model from a hand-built config (``RANDOM_CONFIGS``), built on ``device``,
     with ``random_tokenizer``: its text is noise, its speed and memory are the real shape's. dtype:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks, for a CUDA machine whose python3 already has torch, transformers (>= 5.17), triton,
 # pytest and hypothesis (no network, no install: the package runs from this checkout). Budget: under
-# 8 minutes on a fresh H100/H200, Triton compiles and graph captures included; every phase has its
-# own timeout (120 + 170 + 130 + 50 s) so the script always ends and writes what it has (the benchmark
+# 11 minutes on a fresh H100/H200, Triton compiles and graph captures included; every phase has its
+# own timeout (120 + 170 + 130 + 50 + 150 s) so the script always ends and writes what it has (the benchmark
 # writes bench.json after every cell, and the cells done when it is cut off).
 #   1. exactness on the GPU: both attention backends against the reference (fp32, bf16), the fused
 #      kernel on random layouts, one worker against transformers' greedy decoding on tiny Llama,
@@ -15,7 +15,10 @@
 #      cells; 32736 leaves room for the decoded tokens in 32768 positions), with a torch.profiler
 #      trace of each method; then
 #      hogwild-triton against transformers compiled (StaticCache + torch.compile) at L = 8192;
-#   3. `hogwild solve` end to end on the same random model (worker tokens/s over a 512-pass run).
+#   3. `hogwild solve` end to end on the same random model (worker tokens/s over a 512-pass run);
+#   4. quantized weights (needs torchao, bitsandbytes): a random model of QUANT_PRESET (default
+#      tiny-qwen2-gqa7) saved to disk, then `bench` with --quantize int8 and nf4 (hogwild-triton with
+#      graphs and the lean decoder, hogwild-torch; weight bytes in bench.json) and `solve --json`.
 # Usage: scripts/gpu-check.sh [OUT_DIR] (default gpu-results). A CPU dry run (tiny model, small grid):
 #   DEVICE=cpu PRESET=tiny-qwen2 CONTEXT=300,64 WORKERS=2,1 STEPS=3 BUDGET=8 DTYPE=float32 \
 #     COMPILED_CONTEXT=64 COMPILED_WORKERS=1 COMPILE_BACKEND=eager scripts/gpu-check.sh /tmp/gpu-dry
@@ -74,4 +77,23 @@ decode = r.get("timings", {}).get("decode") or r["elapsed_s"]
 print(f"solve: {r['forward_passes']} passes, {r['tokens_generated']} worker tokens, decode {decode:.2f} s, "
       f"{r['tokens_generated'] / decode:.1f} worker tokens/s, elapsed {r['elapsed_s']:.2f} s")
 EOF
+phase "quantized weights"
+quant() {  # a random model saved to disk, then each scheme: the benchmark (weight bytes in bench.json) and a solve
+  local model="$out/quant-model"
+  python3 -c 'import sys, torch
+from hogwild.model import random_model
+m = random_model(sys.argv[2], dtype=torch.bfloat16)
+m.model.save_pretrained(sys.argv[1]); m.tokenizer.save_pretrained(sys.argv[1])' "$model" "${QUANT_PRESET:-tiny-qwen2-gqa7}" \
+      || return 1
+  for scheme in int8 nf4; do
+    python3 -m hogwild.cli bench --model "$model" --quantize "$scheme" --device "$device" --workers 4,1 --context 2048 \
+        --steps 10 --warmup 3 --methods "${QUANT_METHODS:-hogwild-triton,hogwild-torch}" --out "$out/bench-$scheme" \
+        || echo "QUANTIZED BENCHMARK ($scheme) FAILED"
+    python3 -m hogwild.cli solve "What is 17 * 23?" --model "$model" --quantize "$scheme" --device "$device" \
+        --workers 2 --budget 64 --json > "$out/solve-$scheme.json" || echo "QUANTIZED SOLVE ($scheme) FAILED"
+  done
+}
+export -f quant phase; export out device start
+timeout "${QUANT_TIMEOUT:-150}" bash -c quant 2>&1 | tee "$out/quantized.log" \
+    || echo "QUANTIZED RUN FAILED OR TIMED OUT (see $out/quantized.log)"
 phase done

@@ -153,6 +153,8 @@ class BenchResult:
     warmup_s: dict[str, float] = field(default_factory=dict)  # per method, compilation included
     kv_pool_bytes: dict[str, int] = field(default_factory=dict)  # per hogwild runner (HOGWILD_RUNNERS)
     tp: int = 1  # tensor-parallel ranks (--tp); K/V bytes are then rank 0's: its share of the K/V heads
+    quantization: str | None = None  # --quantize or the checkpoint's quant_method; None: dense weights
+    weight_bytes: int = 0  # the model's weights as stored (rank 0's shards under --tp)
     compile: dict | None = None
     profile: dict | None = None
     wall_s: float = 0.0
@@ -404,7 +406,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
         model=model.name, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
         machine=machine_info(device), methods=list(config.methods), cells=[],
         config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-        tp=1 if model.tp is None else model.tp.size,
+        tp=1 if model.tp is None else model.tp.size, quantization=model.quantization, weight_bytes=model.weight_bytes,
     )
 
     def update(complete: bool = False, notify: bool = True) -> None:
@@ -419,7 +421,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, out: Path | None = None, 
     methods: dict = {}
     try:
         generator = torch.Generator().manual_seed(config.seed)
-        vocab = (model.model.get_output_embeddings().weight.shape[0] if model.tp is None  # may be a shard
+        vocab = (model.model.get_output_embeddings().out_features if model.tp is None  # may be a shard
                  else model.model.config.vocab_size)
         methods, broken = build_methods(model, config)
         result.kv_pool_bytes = {

@@ -32,7 +32,9 @@ def title(result: BenchResult) -> str:
     m = result.machine
     where = m.get("gpu") or f"{m.get('cpu', 'CPU')}, {m.get('threads')} threads"
     ranks = f", --tp {result.tp} (rank 0's K/V)" if result.tp > 1 else ""
-    return f"{result.model}, {result.dtype}, {result.device} ({where}){ranks}"
+    weights = f"{result.quantization} weights" if result.quantization else "weights"
+    weights += f" {_mib(result.weight_bytes)} MiB"
+    return f"{result.model}, {result.dtype}, {weights}, {result.device} ({where}){ranks}"
 
 
 def markdown_table(result: BenchResult) -> str:

@@ -46,12 +46,16 @@ class Engine:
         cls,
         name_or_path: str | None = None,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         protocol: ProtocolConfig | None = None,
         attention: str = "auto",
         kv_memory: int | None = None,
+        quantize: str | None = None,
     ) -> Engine:
-        return cls(load_model(name_or_path, device=device, dtype=dtype), protocol, attention, kv_memory)
+        """dtype: default float32, bf16 for quantized weights; quantize: "int8" (torchao weight-only) or
+        "nf4" (bitsandbytes) at load (``hogwild.quantize``); pre-quantized checkpoints load as they are."""
+        model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize)
+        return cls(model, protocol, attention, kv_memory)
 
     @cached_property
     def banned_token_ids(self) -> tuple[int, ...]:
@@ -64,7 +68,7 @@ class Engine:
                 banned.add(vocab[text])
         pieces = tok.batch_decode([[i] for i in range(len(tok))])
         banned.update(i for i, piece in enumerate(pieces) if piece.lstrip(" \n").startswith("#"))
-        vocab_size = self.model.model.get_output_embeddings().weight.shape[0]
+        vocab_size = self.model.model.get_output_embeddings().out_features  # (never read .weight: may be quantized)
         return tuple(sorted(i for i in banned if i < vocab_size))
 
     def session(self, problem: str, config: SolveConfig) -> Session:

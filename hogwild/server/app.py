@@ -170,7 +170,8 @@ def create_app(
     @app.head("/v1/models", include_in_schema=False)
     async def models():
         return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "hogwild"}
+            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "hogwild",
+             "quantization": engine.model.quantization, "weight_bytes": engine.model.weight_bytes}
         ]}
 
     async def solve(body: SolveRequest, conversation: Conversation, request: Request, chat: bool) -> Response:
