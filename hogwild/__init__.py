@@ -4,12 +4,18 @@ The public API: ``Engine`` (load a model once; ``solve`` / ``stream`` problems),
 the events a stream yields, and the lower-level ``Runner``, ``SharedCache`` and ``generate``.
 """
 
+import logging
 import os
 
 import torch
 
 if not torch.cuda.is_available():  # no device for Triton kernels: run them in Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when triton is first imported, so set it first)
+
+# torchao (for --quantize), which transformers imports whenever it is installed, logs its missing CUDA
+# kernels and torch's deprecations at import: noise on every run, whatever was asked for.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from .cache import Block, SharedCache  # noqa: E402 (after the interpreter switch)
 from .engine.batch import BatchLoop, LoopStep, SessionStep
