@@ -4,6 +4,7 @@ The public API: ``Engine`` (load a model once; ``solve`` / ``stream`` problems),
 the events a stream yields, and the lower-level ``Runner``, ``SharedCache`` and ``generate``.
 """
 
+# ruff: noqa: E402 - the package's imports come after the interpreter switch and the log levels below
 import logging
 import os
 
@@ -17,7 +18,7 @@ if not torch.cuda.is_available():  # no device for Triton kernels: run them in T
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from .cache import Block, SharedCache  # noqa: E402 (after the interpreter switch)
+from .cache import Block, SharedCache
 from .engine.batch import BatchLoop, LoopStep, SessionStep
 from .engine.engine import Engine
 from .engine.events import (

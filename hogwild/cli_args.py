@@ -33,9 +33,11 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from .layers.backends import CHOICES
+
     add_model_source_arguments(parser)
     parser.add_argument(
-        "--attention", default="auto", choices=["auto", "torch", "triton"],
+        "--attention", default="auto", choices=CHOICES,
         help="attention backend: auto = triton with CUDA graphs on CUDA, torch on the CPU",
     )
     parser.add_argument(

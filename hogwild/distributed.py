@@ -207,7 +207,7 @@ class TPGroup:
             for entry in row.entries:
                 blocks[entry.block.id] = _ref(entry.block)
             rows.append((ids[i][: row.n_new], [e.block.id for e in row.entries]))
-        self.send(("pass", plan.backend, blocks, rows))
+        self.send(("pass", plan.backend.name, blocks, rows))
 
 
 def _ref(block) -> tuple:
@@ -284,6 +284,7 @@ def follow(model) -> int:
 
     from .cache import SharedCache
     from .engine.runner import Runner, WorkerStep
+    from .layers.backends import get_backend
 
     group = model.tp
     runner = None
@@ -304,7 +305,7 @@ def follow(model) -> int:
                     model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype,
                     model.device, capacity_tokens=(pages - 1) * page_size, page_size=page_size,
                 )
-                runner = Runner(model, cache, attention)
+                runner = Runner(model, cache, get_backend(attention))
             elif kind == "move":
                 _, dst, src, n = op
                 size = runner.cache.page_size
@@ -314,7 +315,7 @@ def follow(model) -> int:
                 blocks = {i: _block(ref, runner.cache.page_size) for i, ref in refs.items()}
                 steps = [WorkerStep(ids, [blocks[i] for i in view]) for ids, view in rows]
                 if backend != "reference":
-                    runner.attention = backend
+                    runner.attention = get_backend(backend)
                 runner.forward(steps, reference=backend == "reference")
             else:
                 raise TPError(f"unknown operation {kind!r} from rank 0")

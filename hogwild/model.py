@@ -26,7 +26,7 @@ import torch
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import HogwildError, ModelLoadError, UnsupportedModelError
-from .layers.attention import PassPlan, concurrent_attention, reference_attention
+from .layers.attention import PARTIAL_ROTARY, PER_LAYER_ROPE, SINKS, SOFTCAP, WINDOWS, PassPlan
 from .layers.rope import SUPPORTED_ROPE_TYPES
 from .layers.tiles import device_limits, model_dtype
 from .quantize import check_quantization, default_dtype, drop_gguf_leftover, quantization_config, weight_bytes
@@ -55,25 +55,14 @@ ATTENTION_NAME = "hogwild"
 
 
 def hogwild_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """The attention function registered with transformers; the pass plan picks the method."""
+    """The attention function registered with transformers: the pass plan's backend runs it."""
     plan: PassPlan | None = kwargs.get("hogwild_plan")
     if plan is None:
         raise RuntimeError(
             "this model runs hogwild attention, which needs a pass plan; call it through hogwild's Runner, "
             "or wrap ordinary use (e.g. model.generate) in `with ordinary_attention(model): ...`"
         )
-    if plan.backend == "triton":
-        from .layers.attention import layer_options
-        from .layers.triton_attention import triton_attention
-
-        window, sinks, softcap = layer_options(kwargs)
-        layer = module.layer_idx
-        shares = None if plan.stats is None else (plan.stats.pc_pair, plan.stats.stats[layer])
-        keys, values = plan.cache.keys[layer], plan.cache.values[layer]
-        return triton_attention(query, keys, values, plan.triton, scaling, shares, window=window, sinks=sinks,
-                                softcap=softcap, table=plan.cache.layer_rope[layer]), None
-    method = reference_attention if plan.reference else concurrent_attention
-    return method(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return plan.attend(module.layer_idx, query, key, value, scaling, **kwargs), None
 
 
 AttentionInterface.register(ATTENTION_NAME, hogwild_attention)
@@ -196,28 +185,22 @@ def check_supported(config) -> None:
         )
 
 
-#: The features (``attention_features``) that the triton backend runs: Runner.for_model refuses triton
-#: for a model that needs any other.
-TRITON_FEATURES = ("sliding windows", "attention sinks", "attention logit soft-capping", "per-layer RoPE tables",
-                   "partial rotary")
-
-
 def attention_features(config, inv_freq: torch.Tensor, head_dim: int) -> tuple[str, ...]:
-    """What beyond plain causal attention with one RoPE table this model needs (every backend runs all
-    of it; ``TRITON_FEATURES`` lists what the triton backend runs)."""
+    """What beyond plain causal attention with one RoPE table this model needs, named as in
+    ``layers.attention.FEATURES`` (each backend declares which it runs)."""
     features = []
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if window is not None and (not layer_types or "sliding_attention" in layer_types):
-        features.append("sliding windows")
+        features.append(WINDOWS)
     if config.model_type == "gpt_oss":
-        features.append("attention sinks")
+        features.append(SINKS)
     if getattr(config, "attn_logit_softcapping", None):
-        features.append("attention logit soft-capping")
+        features.append(SOFTCAP)
     if inv_freq.dim() == 2:
-        features.append("per-layer RoPE tables")
+        features.append(PER_LAYER_ROPE)
     if 2 * inv_freq.shape[-1] < head_dim:
-        features.append("partial rotary")
+        features.append(PARTIAL_ROTARY)
     return tuple(features)
 
 

@@ -33,7 +33,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from hogwild.layers.attention import TRITON_CHUNK  # noqa: E402
 from hogwild.layers.fused import rms_norm, rope_store, silu_mul  # noqa: E402
 from hogwild.layers.tiles import (  # noqa: E402
     ARCH_LIMITS,
@@ -45,6 +44,7 @@ from hogwild.layers.tiles import (  # noqa: E402
     shared_bytes,
 )
 from hogwild.layers.triton_attention import DeviceMeta, triton_attention  # noqa: E402
+from hogwild.layers.triton_backend import CHUNK as TRITON_CHUNK  # noqa: E402
 
 META = torch.device("meta")
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",

@@ -23,8 +23,7 @@ import hogwild  # noqa: F401 - sets TRITON_INTERPRET=1 on a machine without CUDA
 from hogwild.cache import SharedCache
 from hogwild.engine.graphs import MAX_ENTRIES, ROW_BUCKETS, bucket
 from hogwild.engine.runner import WorkerStep, plan_pass
-from hogwild.layers.attention import PAD_SLOT, TRITON_CHUNK, StaticBuffers, triton_block_m
-from hogwild.layers.triton_attention import DeviceMeta
+from hogwild.layers.triton_backend import TritonBackend
 
 LAYERS, KV_HEADS, GROUPS, HEAD_DIM = 28, 4, 7, 128
 
@@ -46,17 +45,14 @@ def main() -> None:
             cache.reserve(block, 64)
             cache.commit(block, [1] * 40)
         rows = bucket(n, ROW_BUCKETS)
-        meta = DeviceMeta.allocate(
-            rows=rows, items=256, pairs=rows * MAX_ENTRIES, pcs=rows * (-(-32768 // TRITON_CHUNK) + MAX_ENTRIES),
-            pages=cache.num_pages, T=1, q_heads=GROUPS * KV_HEADS, groups=GROUPS, head_dim=HEAD_DIM, page_size=32,
-            device="cpu", chunk=TRITON_CHUNK, block_m=triton_block_m(GROUPS))
-        static = StaticBuffers(torch.full((rows,), PAD_SLOT, dtype=torch.long), meta)
+        backend = TritonBackend()
+        static = backend.static_buffers(cache, rows, 256, GROUPS, 32768, MAX_ENTRIES, LAYERS, collab_stats=False)
         steps = [WorkerStep([5], [prompt, block]) for block in own]
         best = float("inf")
         for _ in range(7):
             start = time.process_time()
             for _ in range(200):
-                plan_pass(steps, cache, 0.1, torch.bfloat16, 40000, "triton", GROUPS, static=static)
+                plan_pass(steps, cache, 0.1, torch.bfloat16, 40000, backend, GROUPS, static=static)
             best = min(best, (time.process_time() - start) / 200)
         print(f"N={n} L={args.context}: {1e6 * best:.0f} us of CPU time per decode-pass plan")
         for block in own:

@@ -1,7 +1,5 @@
 """Concurrent attention (query rotation, blocks read once) equals the materialising reference."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +7,8 @@ from hypothesis import strategies as st
 
 from hogwild.cache import SharedCache
 from hogwild.engine.runner import WorkerStep, plan_pass
-from hogwild.layers.attention import concurrent_attention, reference_attention
+from hogwild.layers.reference_attention import reference_attention
+from hogwild.layers.torch_attention import TorchBackend, concurrent_attention
 
 HEAD_DIM = 64
 KV_HEADS = 2
@@ -58,7 +57,7 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
         n_new = int(torch.randint(1, 5, (1,), generator=g))
         steps.append(WorkerStep([0] * n_new, view + [own]))
         news.append(n_new)
-    plan = plan_pass(steps, cache, HEAD_DIM**-0.5, dtype, 100000, gather_below=gather_below)
+    plan = plan_pass(steps, cache, HEAD_DIM**-0.5, dtype, 100000, TorchBackend(gather_below))
     # Write the new tokens' K/V as the model's cache update would (padding never stored).
     T = plan.T
     query = torch.randn(workers, KV_HEADS * GROUPS, T, HEAD_DIM, generator=g).to(device, dtype)
@@ -74,9 +73,8 @@ def random_pass(seed: int, workers: int, dtype: torch.dtype, gather_below: int =
 def test_concurrent_equals_reference_fp32(seed, workers, gather_below, device):
     """gather_below 0: every block read in place; 1000: all gathered; 20: a mix."""
     plan, query, key, news = random_pass(seed, workers, torch.float32, gather_below, device)
-    module = SimpleNamespace(layer_idx=1)
-    fast, _ = concurrent_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
-    ref, _ = reference_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
+    fast = concurrent_attention(plan, 1, query, key)
+    ref = reference_attention(plan, 1, query, key, HEAD_DIM**-0.5)
     for i, n in enumerate(news):
         a, b = fast[i, :n], ref[i, :n]
         assert float((a - b).norm() / b.norm()) < 1e-5
@@ -86,9 +84,8 @@ def test_concurrent_equals_reference_fp32(seed, workers, gather_below, device):
 @pytest.mark.parametrize("seed", range(8))
 def test_concurrent_equals_reference_bf16(seed, device):
     plan, query, key, news = random_pass(seed, 4, torch.bfloat16, device=device)
-    module = SimpleNamespace(layer_idx=0)
-    fast, _ = concurrent_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
-    ref, _ = reference_attention(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
+    fast = concurrent_attention(plan, 0, query, key)
+    ref = reference_attention(plan, 0, query, key, HEAD_DIM**-0.5)
     for i, n in enumerate(news):
         a, b = fast[i, :n].float(), ref[i, :n].float()
         assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 has 8 bits of mantissa
@@ -98,13 +95,13 @@ def test_concurrent_equals_reference_bf16(seed, device):
 def test_each_block_is_read_once(gather_below):
     """A block in several views is read once per layer: it lies in exactly one group, with all its pairs."""
     plan, *_ = random_pass(3, 5, torch.float32, gather_below)
-    ids = [block.id for g in plan.groups for block, _ in g.segments]
+    ids = [block.id for g in plan.meta.groups for block, _ in g.segments]
     assert len(ids) == len(set(ids))
     readers = {}
     for row in plan.rows:
         for entry in row.entries:
             if entry.visible:
                 readers[entry.block.id] = readers.get(entry.block.id, 0) + 1
-    assert len(plan.pair_row) == sum(readers.values())
+    assert len(plan.meta.pair_row) == sum(readers.values())
     if gather_below == 0:
-        assert len(plan.groups) == len(readers)
+        assert len(plan.meta.groups) == len(readers)

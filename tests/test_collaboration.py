@@ -10,8 +10,7 @@ from hogwild.cache import SharedCache
 from hogwild.engine.engine import Engine
 from hogwild.engine.events import CollabEvent, DoneEvent, HistoryStep
 from hogwild.engine.runner import WorkerStep, plan_pass
-from hogwild.layers.attention import concurrent_attention, reference_attention
-from hogwild.layers.triton_attention import triton_attention
+from hogwild.layers.backends import get_backend
 from hogwild.protocol.layouts import SharedBlocks
 from hogwild.protocol.prompts import ProtocolConfig
 
@@ -38,7 +37,7 @@ def shares_of(backend, lengths, views, n_new, zero_keys=False, seed=0, device="c
             cache.write(block, layer, 0, k.to(device), torch.randn(KV_HEADS, n, HEAD_DIM, generator=g).to(device))
         cache.commit(block, [0] * n)
     steps = [WorkerStep([0] * n, [blocks[b] for b in view]) for view, n in zip(views, n_new, strict=True)]
-    plan = plan_pass(steps, cache, HEAD_DIM**-0.5, torch.float32, 10_000, backend=backend, groups=GROUPS,
+    plan = plan_pass(steps, cache, HEAD_DIM**-0.5, torch.float32, 10_000, backend=get_backend(backend), groups=GROUPS,
                      collab_stats=True)
     query = torch.randn(len(steps), KV_HEADS * GROUPS, plan.T, HEAD_DIM, generator=g).to(device)
     key = (torch.randn(len(steps), KV_HEADS, plan.T, HEAD_DIM, generator=g) * (not zero_keys)).to(device)
@@ -46,13 +45,7 @@ def shares_of(backend, lengths, views, n_new, zero_keys=False, seed=0, device="c
         for layer in range(LAYERS):
             cache.write(row.write, layer, row.start, key[i, :, : row.n_new], key[i, :, : row.n_new] + 1)
     for layer in range(LAYERS):
-        module = type("Layer", (), {"layer_idx": layer})()
-        if backend == "triton":
-            shares = plan.stats.pc_pair, plan.stats.stats[layer]
-            triton_attention(query, cache.keys[layer], cache.values[layer], plan.triton, HEAD_DIM**-0.5, shares)
-        else:
-            method = concurrent_attention if backend == "torch" else reference_attention
-            method(module, query, key, key, None, HEAD_DIM**-0.5, hogwild_plan=plan)
+        plan.backend.forward(plan, layer, query, key, key, HEAD_DIM**-0.5)
     return plan.stats.row_shares(plan.rows)
 
 

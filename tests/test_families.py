@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hogwild import InputError, Runner, generate, load_model
-from hogwild.model import TRITON_FEATURES
+from hogwild.layers.triton_backend import TritonBackend
 
 WINDOW = 16
 TINY = dict(
@@ -78,7 +78,7 @@ def tiny_family(name: str, folder, device):
 def test_family_one_worker_and_independent_workers_equal_transformers(name, device, tmp_path):
     loaded = tiny_family(name, tmp_path, device)
     runner = Runner.for_model(loaded)  # auto: the torch backend for models with windows, sinks or per-layer RoPE
-    assert runner.attention == "torch"
+    assert runner.attention.name == "torch"
     tok = loaded.tokenizer
     prompt = tok(PROMPT, add_special_tokens=False).input_ids
     assert len(prompt) > 3 * WINDOW  # the window matters: most of the prompt falls out of it
@@ -97,7 +97,7 @@ def test_family_one_worker_with_triton_equals_transformers(name, device, tmp_pat
     windows, sinks, soft-capping, per-layer and partial RoPE."""
     loaded = tiny_family(name, tmp_path, device)
     runner = Runner.for_model(loaded, "triton")
-    assert runner.attention == "triton"
+    assert runner.attention.name == "triton"
     prompt = loaded.tokenizer(PROMPT, add_special_tokens=False).input_ids
     n = 16 if device.type == "cpu" else 48
     result = generate(runner, prompt, [[]], "independent", max_new_tokens=n)
@@ -121,11 +121,11 @@ def test_family_features_and_backend_choice(device, tmp_path):
     for name, features in expected.items():
         loaded = tiny_family(name, tmp_path / name, device)
         assert loaded.features == features
-        assert set(features) <= set(TRITON_FEATURES)
+        assert set(features) <= TritonBackend.features
     unknown = dataclasses.replace(loaded, features=("sliding windows", "some future extra"))
     with pytest.raises(InputError, match="triton backend does not support some future extra yet"):
         Runner.for_model(unknown, "triton")
-    assert Runner.for_model(unknown, "auto").attention == "torch"
+    assert Runner.for_model(unknown, "auto").attention.name == "torch"
 
 
 @pytest.mark.parametrize("name, dropped", [("mistral-window", 0), ("gemma3_text", 0), ("gpt_oss", 1), ("gemma2", 2)])

@@ -30,7 +30,7 @@ def test_gemma3_270m_one_worker_equals_greedy_past_the_window(gemma):
     assert set(config.layer_types) == {"sliding_attention", "full_attention"}
     assert gemma.inv_freq.dim() == 2  # local and global layers rotate with different tables
     runner = Runner.for_model(gemma)
-    assert runner.attention == "torch"
+    assert runner.attention.name == "torch"
     prompt = gemma.tokenizer(PROMPT * 60, add_special_tokens=False).input_ids
     prompt = [gemma.tokenizer.bos_token_id, *prompt[:600]]
     assert len(prompt) > config.sliding_window + 64

@@ -86,7 +86,7 @@ def test_quantized_at_load_on_the_triton_backend_and_the_lean_decoder(scheme, de
     """The lean decoder calls the quantized projections as modules (Triton's interpreter: few tokens)."""
     loaded = load_model(str(dense_folder), dtype=torch.float32, quantize=scheme)
     runner = Runner.for_model(loaded, "triton")
-    assert runner.attention == "triton" and runner.lean is not None
+    assert runner.attention.name == "triton" and runner.lean is not None
     check_decoding(loaded, runner, 6, 3, workers=2)
 
 

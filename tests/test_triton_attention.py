@@ -5,8 +5,6 @@ import os
 if os.environ.get("HOGWILD_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
-from types import SimpleNamespace  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -14,7 +12,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from hogwild.cache import SharedCache  # noqa: E402
 from hogwild.engine.runner import WorkerStep, plan_pass  # noqa: E402
-from hogwild.layers.attention import reference_attention  # noqa: E402
+from hogwild.layers.reference_attention import ReferenceBackend, reference_attention  # noqa: E402
 from hogwild.layers.tiles import CANDIDATES, DeviceLimits, attention_tiles, shared_bytes  # noqa: E402
 from hogwild.layers.triton_attention import DeviceMeta, build_meta, triton_attention  # noqa: E402
 
@@ -63,7 +61,7 @@ def random_pass(seed, workers, sessions, kv_heads, groups, head_dim, max_new, pa
             picks = [shared[randint(0, len(shared) - 1)] for _ in range(randint(0, 4))]
             others = [b for b in owns if b is not own and randint(0, 1)]
             steps.append(WorkerStep([0] * randint(1, max_new), picks + others + [own]))
-    plan = plan_pass(steps, cache, head_dim**-0.5, dtype, 100000, backend="reference")
+    plan = plan_pass(steps, cache, head_dim**-0.5, dtype, 100000, backend=ReferenceBackend())
     B, T = len(steps), plan.T
     query = torch.randn(B, kv_heads * groups, T, head_dim, generator=g).to(device, dtype)
     key = torch.randn(B, kv_heads, T, head_dim, generator=g).to(device, dtype)
@@ -74,7 +72,7 @@ def random_pass(seed, workers, sessions, kv_heads, groups, head_dim, max_new, pa
 
 def check(plan, query, key, out, tolerance):
     scaling = query.shape[-1] ** -0.5
-    ref, _ = reference_attention(SimpleNamespace(layer_idx=0), query, key, key, None, scaling, hogwild_plan=plan)
+    ref = reference_attention(plan, 0, query, key, scaling)
     assert out.shape == ref.shape
     assert torch.isfinite(out).all()
     for i, row in enumerate(plan.rows):
@@ -172,7 +170,7 @@ def test_shared_block_read_once_per_chunk(device):
     cache.commit(prompt, [0] * 100)
     k = 8
     steps = [WorkerStep([0], [prompt, cache.new_block(f"own{w}")]) for w in range(k)]
-    plan = plan_pass(steps, cache, 1.0, torch.float32, 1000, backend="reference")
+    plan = plan_pass(steps, cache, 1.0, torch.float32, 1000, backend=ReferenceBackend())
     query = torch.randn(k, groups, 1, head_dim, generator=g).to(device)
     key = torch.randn(k, 1, 1, head_dim, generator=g).to(device)
     for i, row in enumerate(plan.rows):

@@ -1,8 +1,6 @@
 """Sliding windows, attention sinks, logit soft-capping, per-layer and partial RoPE: the spec
 (reference attention) on cases with known answers, and the torch backend against the spec."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,8 +9,10 @@ from test_attention import GROUPS, HEAD_DIM, KV_HEADS, random_pass
 
 from hogwild.cache import SharedCache
 from hogwild.engine.runner import WorkerStep, plan_pass
-from hogwild.layers.attention import concurrent_attention, reference_attention
+from hogwild.layers.attention import layer_options
+from hogwild.layers.reference_attention import ReferenceBackend
 from hogwild.layers.rope import rotate_by
+from hogwild.layers.torch_attention import TorchBackend
 
 SCALE = HEAD_DIM**-0.5
 
@@ -30,8 +30,10 @@ TABLES = {
 }
 
 
-def attend(method, plan, query, key, layer, **options):
-    return method(SimpleNamespace(layer_idx=layer), query, key, key, None, SCALE, hogwild_plan=plan, **options)[0]
+def attend(backend, plan, query, key, layer, **options):
+    """One layer by ``backend`` (an ``AttentionBackend`` class) with transformers' keyword options."""
+    window, sinks, softcap = layer_options(options)
+    return backend().forward(plan, layer, query, key, key, SCALE, window, sinks, softcap)
 
 
 @settings(max_examples=60, deadline=None)
@@ -46,8 +48,8 @@ def test_torch_equals_reference_with_windows_and_sinks(seed, workers, gather_bel
     options = dict(sliding_window=window, softcap=softcap)
     if sinks:
         options["s_aux"] = torch.randn(KV_HEADS * GROUPS, generator=torch.Generator().manual_seed(seed)).to(device) * 2
-    fast = attend(concurrent_attention, plan, query, key, layer, **options)
-    ref = attend(reference_attention, plan, query, key, layer, **options)
+    fast = attend(TorchBackend, plan, query, key, layer, **options)
+    ref = attend(ReferenceBackend, plan, query, key, layer, **options)
     for i, n in enumerate(news):
         a, b = fast[i, :n], ref[i, :n]
         assert float((a - b).norm() / b.norm()) < 1e-5
@@ -73,22 +75,22 @@ def one_row(n_keys: int, n_new: int, seed: int = 0):
 
 def test_spec_window_of_one_sees_only_the_token_itself():
     plan, query, key, value = one_row(9, 3)
-    out = attend(reference_attention, plan, query, key, 0, sliding_window=1)  # [1, T, Hq, D]
+    out = attend(ReferenceBackend, plan, query, key, 0, sliding_window=1)  # [1, T, Hq, D]
     expected = value[0].repeat_interleave(GROUPS, 0).transpose(0, 1)  # each query's own value
     assert torch.allclose(out[0], expected, atol=1e-6)
 
 
 def test_spec_window_covering_the_view_changes_nothing_and_a_shorter_one_does():
     plan, query, key, _ = one_row(9, 3)
-    full = attend(reference_attention, plan, query, key, 0)
-    assert torch.equal(attend(reference_attention, plan, query, key, 0, sliding_window=12), full)
-    assert (attend(reference_attention, plan, query, key, 0, sliding_window=11) - full).abs().max() > 1e-4
+    full = attend(ReferenceBackend, plan, query, key, 0)
+    assert torch.equal(attend(ReferenceBackend, plan, query, key, 0, sliding_window=12), full)
+    assert (attend(ReferenceBackend, plan, query, key, 0, sliding_window=11) - full).abs().max() > 1e-4
 
 
 def test_spec_window_is_the_last_w_view_positions():
     """Window W equals full attention over a view that holds only the last W - 1 keys before the token."""
     plan, query, key, value = one_row(9, 1)
-    windowed = attend(reference_attention, plan, query, key, 0, sliding_window=4)
+    windowed = attend(ReferenceBackend, plan, query, key, 0, sliding_window=4)
     cache, (shared, own) = plan.cache, [e.block for e in plan.rows[0].entries]
     short = cache.new_block("short")
     k, v = cache.read(shared, 0, 9)
@@ -98,18 +100,18 @@ def test_spec_window_is_the_last_w_view_positions():
     cache.truncate(own, 0)
     plan2 = plan_pass([WorkerStep([0], [short, own])], cache, SCALE, torch.float32, 10_000)
     cache.write(own, 0, 0, key[0], value[0])
-    assert torch.allclose(windowed, attend(reference_attention, plan2, query, key, 0), atol=1e-6)
+    assert torch.allclose(windowed, attend(ReferenceBackend, plan2, query, key, 0), atol=1e-6)
 
 
 def test_spec_sinks_take_mass_from_the_denominator():
     plan, query, key, _ = one_row(9, 2)
-    full = attend(reference_attention, plan, query, key, 0)
+    full = attend(ReferenceBackend, plan, query, key, 0)
     heads = KV_HEADS * GROUPS
-    low = attend(reference_attention, plan, query, key, 0, s_aux=torch.full((heads,), -1e4))
+    low = attend(ReferenceBackend, plan, query, key, 0, s_aux=torch.full((heads,), -1e4))
     assert torch.allclose(low, full, atol=1e-6)  # a sink that never wins changes nothing
-    high = attend(reference_attention, plan, query, key, 0, s_aux=torch.full((heads,), 1e4))
+    high = attend(ReferenceBackend, plan, query, key, 0, s_aux=torch.full((heads,), 1e4))
     assert high.abs().max() < 1e-6  # a sink that always wins takes all the mass, and has no value
-    mid = attend(reference_attention, plan, query, key, 0, s_aux=torch.zeros(heads))
+    mid = attend(ReferenceBackend, plan, query, key, 0, s_aux=torch.zeros(heads))
     assert (mid.norm(dim=-1) < full.norm(dim=-1)).all()  # some mass goes to the sink: outputs shrink
 
 
@@ -162,7 +164,7 @@ def test_triton_equals_reference_with_windows_sinks_softcap_and_tables(seed, wor
     meta = DeviceMeta.from_host(host, KV_HEADS * GROUPS, device)
     out = triton_attention(query, cache.keys[layer], cache.values[layer], meta, SCALE, window=window,
                            sinks=options.get("s_aux"), softcap=softcap, table=cache.layer_rope[layer])
-    ref = attend(reference_attention, plan, query, key, layer, **options)
+    ref = attend(ReferenceBackend, plan, query, key, layer, **options)
     for i, n in enumerate(news):
         a, b = out[i, :n], ref[i, :n]
         assert float((a - b).norm() / b.norm()) < 1e-5, (i, float((a - b).norm() / b.norm()))

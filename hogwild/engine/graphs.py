@@ -1,4 +1,4 @@
-"""Decode passes replayed as CUDA graphs (the triton backend on CUDA).
+"""Decode passes replayed as CUDA graphs (backends that capture: triton on CUDA).
 
 A decode pass feeds one token per row. Everything it reads that changes from pass to pass (input
 ids, positions, the slot mapping and the attention metadata: work items, pair rotations, page
@@ -7,7 +7,8 @@ graph is captured per bucket of rows (1, 2, 4, 8, ...) and of attention work ite
 warm-up that also compiles the Triton kernels. The captured region covers the decoder and the
 LM head; sampling runs after it on the device, so a pass ends with one small copy to the host
 (the sampled tokens). Passes that fit no bucket (prefill, step headers) run the same kernels
-eagerly.
+eagerly. The graph runner knows no backend internals: the backend provides the static buffers
+(``AttentionBackend.static_buffers``) and the work-item bound of a pass (``work_items``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import time
 
 import torch
 
-from ..layers.attention import PAD_SLOT, TRITON_CHUNK, PassPlan, StaticBuffers
-from ..layers.tiles import block_m
-from ..layers.triton_attention import DeviceMeta
+from ..layers.attention import PassPlan
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +39,12 @@ class Bucket:
     [rows, vocab] float32)."""
 
     def __init__(self, runner, rows: int, items: int, collab_stats: bool = False):
-        model, cache = runner.model, runner.cache
-        device = model.device
+        model = runner.model
         self.rows, self.items = rows, items
-        self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        chunks = -(-model.max_positions // TRITON_CHUNK)
-        meta = DeviceMeta.allocate(
-            rows=rows, items=items, pairs=rows * MAX_ENTRIES, pcs=rows * (chunks + MAX_ENTRIES),
-            pages=cache.num_pages, T=1, q_heads=model.groups * cache.num_kv_heads, groups=model.groups,
-            head_dim=cache.head_dim, page_size=cache.page_size, device=device,
-            chunk=TRITON_CHUNK, block_m=block_m(model.groups),
-            rotary=2 * cache.host_inv_freq.shape[-1], tables=len(cache.host_rope_tables),
-        )
-        self.static = StaticBuffers(torch.full((rows,), PAD_SLOT, dtype=torch.long, device=device), meta)
-        if collab_stats:
-            self.static.stats = torch.zeros(model.num_layers, meta.caps["pairs"], device=device)
-            self.static.pc_pair = torch.zeros(meta.caps["pcs"], dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
+        self.position_ids = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
+        self.static = runner.attention.static_buffers(runner.cache, rows, items, model.groups, model.max_positions,
+                                                      MAX_ENTRIES, model.num_layers, collab_stats)
         self.collab_stats = collab_stats
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -98,7 +86,8 @@ class DecodeGraphs:
         (with collab_stats, its ``stats`` hold the pass's attention shares once the replay is done;
         such passes have graphs of their own)."""
         rows = bucket(len(steps), ROW_BUCKETS)
-        items = bucket(self.items_bound(steps), [64 << i for i in range(20)])
+        items = bucket(self.runner.attention.work_items([s.view for s in steps], self.runner.model.groups),
+                       [64 << i for i in range(20)])
         key = (rows, items, collab_stats)
         entry = self.buckets.get(key)
         if entry is None:
@@ -112,17 +101,6 @@ class DecodeGraphs:
                 entry.static.stats.zero_()
         entry.graph.replay()
         return entry.logits[: len(steps)].clone(), entry.plan
-
-    def items_bound(self, steps) -> int:
-        """At least the work items ``build_meta`` makes for a decode pass: per block read, its key
-        chunks times the runs of readers that fit one tile."""
-        groups = self.runner.model.groups
-        per_tile = block_m(groups) // groups
-        readers: dict[int, list] = {}
-        for step in steps:
-            for block in step.view:
-                readers.setdefault(block.id, [block.length + 1, 0])[1] += 1
-        return sum(-(-length // TRITON_CHUNK) * -(-n // per_tile) for length, n in readers.values())
 
     def _capture(self, entry: Bucket) -> None:
         """Warm up (compiles the kernels, checks every layer writes the cache), then capture."""

@@ -6,18 +6,19 @@ come from different sessions, as long as each block is written by at most one of
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
-from ..layers.attention import BACKENDS, PassPlan, Row, StaticBuffers, ViewEntry
+from ..layers.attention import AttentionBackend, PassPlan, Row, StaticBuffers, ViewEntry
+from ..layers.backends import get_backend, resolve_backend
+from ..layers.reference_attention import ReferenceBackend
 from ..layers.tiles import device_limits, fast_path
-from ..model import TRITON_FEATURES, LoadedModel
+from ..layers.torch_attention import TorchBackend
+from ..model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,8 @@ def plan_pass(
     scaling: float,
     dtype: torch.dtype,
     max_positions: int,
-    backend: str = "torch",
+    backend: AttentionBackend | None = None,
     groups: int = 1,
-    gather_below: int = 256,
     static: StaticBuffers | None = None,
     collab_stats: bool = False,
 ) -> PassPlan:
@@ -75,7 +75,7 @@ def plan_pass(
         rows.append(Row(entries, start=own.length, n_new=len(step.token_ids)))
     for row in rows:  # CacheFullError here leaves only spare pages behind: nothing is written yet
         cache.reserve(row.write, row.start + row.n_new)
-    return PassPlan(rows, cache, scaling, dtype, backend, groups, gather_below, static, collab_stats)
+    return PassPlan(rows, cache, scaling, dtype, backend or TorchBackend(), groups, static, collab_stats)
 
 
 def tokens_fed(steps: list[WorkerStep]) -> dict[int, int]:
@@ -120,28 +120,6 @@ class PassCache:
         return key_states, value_states
 
 
-def resolve_attention(attention: str, device: torch.device) -> str:
-    """The backend that ``--attention auto|torch|triton`` names on ``device``.
-
-    auto: triton (with CUDA graphs for decode passes) on CUDA, torch elsewhere. triton on the CPU
-    runs under Triton's interpreter (``TRITON_INTERPRET=1``, which ``import hogwild`` sets on a
-    machine without CUDA: slow, for tests).
-    """
-    if attention not in ("auto", *BACKENDS):
-        raise InputError(f"unknown attention backend {attention!r}; choose auto, torch or triton")
-    if attention == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if attention == "triton" and not triton_available():
-        raise InputError("--attention triton needs the triton package (pip install triton)")
-    if attention == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise InputError("--attention triton on the CPU runs in Triton's interpreter: set TRITON_INTERPRET=1")
-    return attention
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def default_kv_memory(model: LoadedModel) -> int:
     """Bytes of the K/V pool when none are asked for: on CUDA 90% of the memory left free after
     the weights, less 2 GiB for activations and graphs; elsewhere 4 GiB (untouched pages of a CPU
@@ -155,17 +133,17 @@ def default_kv_memory(model: LoadedModel) -> int:
 class Runner:
     """Runs forward passes of a model over a shared cache and returns next-token logits.
 
-    attention: the backend of every pass ("torch", "triton" or "reference"); graphs: replay
-    decode passes (one new token per row) as CUDA graphs (triton on CUDA only); lean: run the
-    triton backend's passes through ``LeanDecoder`` (fused per-layer kernels) instead of
+    attention: the ``AttentionBackend`` of every pass (default torch); graphs: replay decode passes
+    (one new token per row) as CUDA graphs (backends that capture, on CUDA); lean: run the passes
+    through ``LeanDecoder`` (fused per-layer kernels; backends with ``fused_decoder``) instead of
     transformers' modules.
     """
 
-    def __init__(self, model: LoadedModel, cache: SharedCache, attention: str = "torch", graphs: bool = False,
-                 lean: bool = False):
+    def __init__(self, model: LoadedModel, cache: SharedCache, attention: AttentionBackend | None = None,
+                 graphs: bool = False, lean: bool = False):
         self.model = model
         self.cache = cache
-        self.attention = attention
+        self.attention = attention or TorchBackend()
         self.lean = None
         if lean:
             from ..layers.lean import LeanDecoder
@@ -188,26 +166,26 @@ class Runner:
         lean: the lean decoder for the triton backend (default: where the model allows it,
         ``lean_refusal``); True where it cannot run is an InputError.
         """
-        asked, attention = attention, resolve_attention(attention, model.device)
-        unsupported = [f for f in model.features if f not in TRITON_FEATURES]
-        if attention == "triton" and unsupported:  # features the triton kernels do not run: torch only
+        asked, backend = attention, resolve_backend(attention, model.device)
+        unsupported = [f for f in model.features if f not in backend.features]
+        if unsupported:  # features this backend's kernels do not run: torch runs everything
             if asked != "auto":
-                raise InputError(f"the triton backend does not support {', '.join(unsupported)} yet "
+                raise InputError(f"the {backend.name} backend does not support {', '.join(unsupported)} yet "
                                  f"({model.name} needs them); use --attention torch")
-            attention = "torch"
-        if attention == "triton":  # the device's limits: tiles that fit, the dtype (before the cache is made)
-            attention = fast_path(asked, device_limits(model.device), model.dtype, model.head_dim, model.groups,
-                                  2 * model.inv_freq.shape[-1])
+            backend = TorchBackend()
+        if backend.name == "triton":  # the device's limits: tiles that fit, the dtype (before the cache is made)
+            backend = get_backend(fast_path(asked, device_limits(model.device), model.dtype, model.head_dim,
+                                            model.groups, 2 * model.inv_freq.shape[-1]))
         cache = SharedCache.for_memory(
             model.num_layers, model.num_kv_heads, model.head_dim, model.inv_freq, model.dtype, model.device,
             kv_memory or default_kv_memory(model),
         )
         if graphs is None:
-            graphs = attention == "triton" and model.device.type == "cuda"
+            graphs = backend.capture and model.device.type == "cuda"
         if model.tp is not None:  # tensor parallel: the other ranks mirror this pool; graphs not captured yet
-            cache, graphs = model.tp.lead_cache(cache, attention), False
-        refusal = "it runs with the triton backend only"
-        if attention == "triton":  # (the lean decoder's module needs triton: not imported otherwise)
+            cache, graphs = model.tp.lead_cache(cache, backend.name), False
+        refusal = f"it runs with a fused-decoder backend only (triton), not {backend.name}"
+        if backend.fused_decoder:  # (the lean decoder's module needs triton: not imported otherwise)
             from ..layers.lean import lean_refusal
 
             refusal = lean_refusal(model)
@@ -215,14 +193,14 @@ class Runner:
             raise InputError(f"the lean decoder cannot run {model.name}: {refusal}")
         if lean is None:
             lean = refusal is None
-            if attention == "triton" and refusal:
-                log.info("triton attention inside transformers' modules (no lean decoder: %s)", refusal)
-        return cls(model, cache, attention, graphs, lean)
+            if backend.fused_decoder and refusal:
+                log.info("%s attention inside transformers' modules (no lean decoder: %s)", backend.name, refusal)
+        return cls(model, cache, backend, graphs, lean)
 
     def plan(self, steps: list[WorkerStep], reference: bool = False, static: StaticBuffers | None = None,
              collab_stats: bool = False) -> PassPlan:
         m = self.model
-        backend = "reference" if reference else self.attention
+        backend = ReferenceBackend() if reference else self.attention
         return plan_pass(steps, self.cache, m.scaling, m.dtype, m.max_positions, backend, m.groups, static=static,
                          collab_stats=collab_stats)
 
@@ -260,7 +238,7 @@ class Runner:
         """The decoder over one planned pass: input_ids, position_ids [B, T] on the device -> last
         hidden states [B, T, hidden] (the lean decoder on the triton backend where it runs)."""
         pass_cache = PassCache(plan)
-        if self.lean is not None and plan.backend == "triton":
+        if self.lean is not None and plan.backend is self.attention:
             hidden = self.lean.hidden_states(input_ids, position_ids, plan, pass_cache.layers_written)
         else:
             hidden = self.model.hidden_states(input_ids, position_ids, pass_cache, plan)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from .attention import PARTIAL_ROTARY
 from .fused import rms_norm, rope_store, silu_mul
-from .triton_attention import triton_attention
 
 #: Model types whose decoder layers are Llama-shaped (pre-norm RMSNorm, q/k/v/o projections, gated MLP).
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 #: Attention features (``LoadedModel.features``) the lean decoder runs.
-LEAN_FEATURES = ("partial rotary",)
+LEAN_FEATURES = (PARTIAL_ROTARY,)
 
 
 def lean_refusal(model) -> str | None:
@@ -101,9 +101,8 @@ class LeanDecoder:
             keys, values = cache.keys[index], cache.values[index]
             q = rope_store(q, k, v, cos, sin, plan.slot_mapping, keys, values)  # [B*T, Hq, D]
             written.add(index)
-            shares = None if plan.stats is None else (plan.stats.pc_pair, plan.stats.stats[index])
-            out = triton_attention(q.view(B, T, -1, D).transpose(1, 2), keys, values, plan.triton, self.scaling,
-                                   shares, table=cache.layer_rope[index])  # [B, T, Hq, D]
+            heads = lambda t: t.view(B, T, -1, D).transpose(1, 2)  # noqa: E731 - [B*T, H*D] -> [B, H, T, D]
+            out = plan.backend.forward(plan, index, heads(q), heads(k), heads(v), self.scaling)  # [B, T, Hq, D]
             x = attention.o_proj(out.view(B * T, -1))
             norm = layer.post_attention_layernorm
             h = rms_norm(x, norm.weight, norm.variance_epsilon, residual)

@@ -28,15 +28,10 @@ tokens and rows get zeros. Dots run in the K/V dtype with fp32
 accumulation (fp32 inputs: IEEE, not TF32); on CPU tensors (the interpreter) every tile is
 converted to fp32 first.
 
-Room for extensions (not built):
-- sliding windows: a per-(pair, token) lower key bound ``lo = qstart + t - window + 1`` masked
-  next to the upper one, items that start at the smallest lo of their queries, and a last token
-  per pc next to ``pc_tlo`` (later tokens have left the chunk);
-- attention sinks: a per-head logit ``s`` enters the merge as one more pc with m = s * log2(e),
-  l = 1 and no value (it only adds to the denominator);
-- attention statistics: the merge holds every pc's m and l, so the share of a row's attention
-  mass on each pair's block, sum over its pcs of ``l * 2**(m - M) / L``, can be written from
-  launch 2 at the cost of one small store per pc.
+Windows, sinks, soft-caps, per-layer and partial RoPE run behind ``tl.constexpr`` flags (with
+every flag off the kernels are the plain ones), and with ``collab_stats`` the merge also writes
+each pair's share of its row's attention mass (docs/design.md). ``triton_backend.TritonBackend``
+is the backend object that plans passes into this module's metadata and calls ``triton_attention``.
 """
 
 from __future__ import annotations
