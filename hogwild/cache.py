@@ -214,10 +214,6 @@ class SharedCache:
         block.pages = []
         block.token_ids = []
 
-    def clear(self, block: Block) -> None:
-        """Empty a block, keeping its pages for reuse."""
-        block.token_ids = []
-
     def truncate(self, block: Block, length: int) -> None:
         """Drop the tokens after the first ``length`` (their slots become spare capacity)."""
         del block.token_ids[length:]

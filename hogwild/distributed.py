@@ -6,15 +6,17 @@ the logits come back whole on every rank (the LM head gathers its output).
 
 Rank 0 leads: it runs the front end (terminal, HTTP, files), the sessions and their block
 bookkeeping, and samples. The other ranks *follow*: they hold a pool of the same pages for their
-own heads and no bookkeeping at all. Each operation that touches K/V is described to them on a
-control channel (a gloo group, also under NCCL) before rank 0 runs it:
+own heads and no bookkeeping at all. Each runner-level call that touches K/V is described to them
+on a control channel (a gloo group, also under NCCL) before rank 0 runs it, in one place each
+(``Runner.for_model``, ``Runner.hidden_states``, ``Runner.move_prefix`` call ``mirror_*``), and
+``follow`` replays it on a ``Runner`` of its own:
 
 - ``("cache", pages, page_size, attention)``: rank 0 made a new runner's pool (the followers make
   theirs, of the same pages; one runner at a time);
 - ``("pass", backend, blocks, rows)``: a forward pass; ``blocks`` maps block id to (pages, length)
   as they are before the pass, rows are (new token ids, view as block ids). Pages are reserved on
   rank 0 before it is sent, so the followers write the same slots;
-- ``("move", dst, src, n)``: ``SharedCache.move_prefix`` (key rotations) with both blocks' pages;
+- ``("move", dst, src, n)``: ``Runner.move_prefix`` (key rotations) with both blocks' pages;
 - ``("ping",)`` when rank 0 has sent nothing for a while (the followers' wait has a timeout);
 - ``("stop",)``: the run is over.
 
@@ -178,22 +180,18 @@ class TPGroup:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    # -- rank 0's hooks (the runner's cache, each pass) ----------------------------------------
-    def lead_cache(self, cache, attention: str):
-        """Rank 0: the followers make the same pool; ``move_prefix`` is mirrored from now on."""
+    # -- rank 0's runner-level calls, mirrored (``Runner`` makes them; ``follow`` replays them) --------
+    def mirror_cache(self, cache, attention: str) -> None:
+        """Rank 0: the followers make the same pool (one runner at a time)."""
         self.send(("cache", cache.num_pages, cache.page_size, attention))
         self._cache = cache
-        move = cache.move_prefix
 
-        def move_prefix(dst, src, n):
-            cache.reserve(dst, dst.length + n)  # the followers write into the same pages
+    def mirror_move(self, dst, src, n: int) -> None:
+        """Rank 0: ``Runner.move_prefix`` (pages of dst already reserved); followers: nothing."""
+        if self.leader:
             self.send(("move", _ref(dst), _ref(src), n))
-            move(dst, src, n)
 
-        cache.move_prefix = move_prefix
-        return cache
-
-    def before_pass(self, plan, input_ids: torch.Tensor) -> None:
+    def mirror_pass(self, plan, input_ids: torch.Tensor) -> None:
         """Rank 0: describe the pass (pages already reserved) before running it; followers: nothing.
 
         input_ids: [B, T] of the pass (row i's new tokens are its first ``n_new``)."""
@@ -222,6 +220,8 @@ def _block(ref, page_size: int):
 
 
 # -- set-up and the followers' loop ------------------------------------------------------------
+#: This process's group. Process-wide on purpose, as torch.distributed's own process group is: a
+#: torchrun rank joins one group for its life, and the CLI's exit (``shutdown``) must reach it.
 _GROUP: TPGroup | None = None
 
 
@@ -309,7 +309,7 @@ def follow(model) -> int:
             elif kind == "move":
                 _, dst, src, n = op
                 size = runner.cache.page_size
-                runner.cache.move_prefix(_block(dst, size), _block(src, size), n)
+                runner.move_prefix(_block(dst, size), _block(src, size), n)
             elif kind == "pass":
                 _, backend, refs, rows = op
                 blocks = {i: _block(ref, runner.cache.page_size) for i, ref in refs.items()}

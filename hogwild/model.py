@@ -133,8 +133,6 @@ class LoadedModel:
 
     def hidden_states(self, input_ids, position_ids, cache, plan: PassPlan) -> torch.Tensor:
         """Run the decoder. input_ids, position_ids: [B, T] -> last hidden states [B, T, hidden]."""
-        if self.tp is not None:  # rank 0 describes the pass to the other ranks, which run it too
-            self.tp.before_pass(plan, input_ids)
         out = self.model.get_decoder()(
             input_ids=input_ids, position_ids=position_ids, use_cache=True, hogwild_plan=plan,
             **{self.cache_argument: cache},

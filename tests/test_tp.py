@@ -151,7 +151,7 @@ MOVES = textwrap.dedent("""
     runner.prefill([prompt], list(range(10, 50)))
     runner.forward([WorkerStep([5, 6, 7], [prompt, history])])
     runner.forward([WorkerStep([60, 61, 62, 63, 64], [prompt, history, own])])
-    cache.move_prefix(history, own, 3)  # keys rotated on every rank
+    runner.move_prefix(history, own, 3)  # keys rotated on every rank
     rows = [WorkerStep([70], [prompt, history, own]), WorkerStep([71], [prompt, history])]
     logits = runner.forward(rows).logits
     print(json.dumps(logits.tolist()))

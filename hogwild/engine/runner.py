@@ -183,7 +183,8 @@ class Runner:
         if graphs is None:
             graphs = backend.capture and model.device.type == "cuda"
         if model.tp is not None:  # tensor parallel: the other ranks mirror this pool; graphs not captured yet
-            cache, graphs = model.tp.lead_cache(cache, backend.name), False
+            model.tp.mirror_cache(cache, backend.name)
+            graphs = False
         refusal = f"it runs with a fused-decoder backend only (triton), not {backend.name}"
         if backend.fused_decoder:  # (the lean decoder's module needs triton: not imported otherwise)
             from ..layers.lean import lean_refusal
@@ -237,6 +238,8 @@ class Runner:
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan: PassPlan) -> torch.Tensor:
         """The decoder over one planned pass: input_ids, position_ids [B, T] on the device -> last
         hidden states [B, T, hidden] (the lean decoder on the triton backend where it runs)."""
+        if self.model.tp is not None:  # rank 0 describes the pass to the other ranks, which run it too
+            self.model.tp.mirror_pass(plan, input_ids)
         pass_cache = PassCache(plan)
         if self.lean is not None and plan.backend is self.attention:
             hidden = self.lean.hidden_states(input_ids, position_ids, plan, pass_cache.layers_written)
@@ -244,6 +247,14 @@ class Runner:
             hidden = self.model.hidden_states(input_ids, position_ids, pass_cache, plan)
         self.check_written(pass_cache)
         return hidden
+
+    def move_prefix(self, dst: Block, src: Block, n: int) -> None:
+        """``SharedCache.move_prefix`` (src's first n tokens onto the end of dst, keys rotated), done
+        on every tensor-parallel rank: rank 0 reserves dst's pages first, so all ranks write the same."""
+        if self.model.tp is not None:
+            self.cache.reserve(dst, dst.length + n)
+            self.model.tp.mirror_move(dst, src, n)
+        self.cache.move_prefix(dst, src, n)
 
     def ranks_alive(self) -> bool:
         """Under tensor parallelism, whether every rank still answers (a ping to the followers; a

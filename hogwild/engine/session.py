@@ -285,7 +285,7 @@ class Session:
         for w in active:  # steps whose last token was fed in this pass move into the history
             if w.close_after_pass:
                 if self.layout in HISTORY_LAYOUTS:
-                    self.cache.move_prefix(self.shared.history, w.block, w.close_after_pass)
+                    self.runner.move_prefix(self.shared.history, w.block, w.close_after_pass)
                 w.close_after_pass = 0
         tokens = self.sampler(logits)
         for w, token in zip(active, tokens, strict=True):
