@@ -127,8 +127,9 @@ def lines(text: str) -> list[str]:
     return [line for line in out if len(line.split()) >= MIN_LINE_WORDS]
 
 
-def check_answer(text: str, question: str) -> str | None:
-    """For a step that opens with the redundancy check: "yes", "no" or "unclear"; else None."""
+def redundancy_check_reply(text: str, question: str) -> str | None:
+    """For a step that opens with the redundancy check question: its reply, "yes", "no" or "unclear";
+    else None."""
     body = text.lstrip()
     if not body.startswith(question.strip()):
         return None
@@ -186,7 +187,7 @@ def duplication(history: Sequence[HistoryStep], names: Sequence[str], question: 
         own_steps[step.worker].append(step.text)
     for name, texts in own_steps.items():
         for k, text in enumerate(texts):
-            answer = check_answer(text, question)
+            answer = redundancy_check_reply(text, question)
             if answer is None:
                 continue
             stats[name]["checks"] += 1

@@ -167,9 +167,9 @@ def test_redundancy_checks_and_changed_course():
     ]
     d = collab.duplication(history, ["Alice"], QUESTION)["Alice"]
     assert (d["checks"], d["checks_yes"], d["changed_course"]) == (4, 2, 1)
-    assert collab.check_answer(history[6].text, QUESTION) == "no"
-    assert collab.check_answer(history[7].text, QUESTION) == "unclear"
-    assert collab.check_answer(plan, QUESTION) is None
+    assert collab.redundancy_check_reply(history[6].text, QUESTION) == "no"
+    assert collab.redundancy_check_reply(history[7].text, QUESTION) == "unclear"
+    assert collab.redundancy_check_reply(plan, QUESTION) is None
 
 
 # -- the embedded model -----------------------------------------------------------------------------

@@ -103,11 +103,11 @@ def test_named_datasets_resolve(monkeypatch, tmp_path):
 
 
 # -- resume, summary and plot, with a fake run ----------------------------------------------------
-def fake_run_jobs(calls):
+def fake_run_problems(calls):
     """Answers the reference for "combined" (and at budget 4), a wrong number otherwise; records
     each (problem, group) it is asked to run."""
 
-    def run_jobs(engine, todo, config, on_rows, on_pass=lambda live: None, on_curve=lambda job: None):
+    def run_problems(engine, todo, config, on_rows, on_pass=lambda live: None, on_curve=lambda run: None):
         for problem, group in todo:
             calls.append((problem.id, tuple(group)))
             rows = []
@@ -116,11 +116,11 @@ def fake_run_jobs(calls):
                     on_pass(1)
                     answer = problem.answer if method == "combined" or budget > 2 else "-1"
                     correct, extracted = ev.check_answer(answer, problem.answer)
-                    rows.append(ev.Row(problem.id, method, budget, answer, extracted, problem.answer, correct,
-                                       "finisher", budget, budget, 0.1, 0))
+                    rows.append(ev.ResultRow(problem.id, method, budget, answer, extracted, problem.answer, correct,
+                                             "finisher", budget, budget, 0.1, 0))
             on_rows(rows)
 
-    return run_jobs
+    return run_problems
 
 
 def config(tmp_path, **kwargs):
@@ -130,7 +130,7 @@ def config(tmp_path, **kwargs):
 
 def test_resume_skips_done_runs(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ev, "run_jobs", fake_run_jobs(calls))
+    monkeypatch.setattr(ev, "run_problems", fake_run_problems(calls))
     engines = []
     cfg = config(tmp_path)
     ev.evaluate(cfg, lambda: engines.append(1))
@@ -163,14 +163,14 @@ def test_resume_skips_done_runs(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_other_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "run_jobs", fake_run_jobs([]))
+    monkeypatch.setattr(ev, "run_problems", fake_run_problems([]))
     ev.evaluate(config(tmp_path), lambda: None)
     with pytest.raises(InputError, match="workers: 2 there, 4 now"):
         ev.evaluate(config(tmp_path, workers=4), lambda: None)
 
 
 def test_summary_plot_and_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ev, "run_jobs", fake_run_jobs([]))
+    monkeypatch.setattr(ev, "run_problems", fake_run_problems([]))
     code, out, _ = run(capsys, "eval", "--dataset", str(TINY), "--budgets", "4,2", "--out", str(tmp_path),
                        "--json")
     assert code == 0
@@ -194,7 +194,7 @@ def test_summary_plot_and_json(tmp_path, monkeypatch, capsys):
 
 
 def test_stderr():
-    rows = [ev.Row(f"p{i}", "single", 8, "1", "1", "1", i < 3, "", 0, 0, 0.0, 0) for i in range(12)]
+    rows = [ev.ResultRow(f"p{i}", "single", 8, "1", "1", "1", i < 3, "", 0, 0, 0.0, 0) for i in range(12)]
     problems = [ev.Problem(f"p{i}", "q", "1") for i in range(12)]
     cfg = ev.EvalConfig(dataset="x.jsonl", out=Path("."), layouts=(), baselines=("single",), budgets=(8,))
     cell = ev.summarize(rows, cfg, problems).methods["single"][8]
@@ -297,13 +297,13 @@ def test_batched_runs_match_the_engine(model):
         return [
             (e.budget, e.answer, e.forward_passes, e.tokens_generated)
             for e in engine.stream(problem.problem, workers=workers, layout=layout, budget=4,
-                                   sampling=ev._sampling(cfg), seed=ev.derive_seed(0, problem.id, label),
+                                   sampling=cfg.sampling(), seed=ev.derive_seed(0, problem.id, label),
                                    snapshots=(2, 4))
             if isinstance(e, SnapshotEvent)
         ]
 
     rows = []
-    ev.run_jobs(engine, [(problem, ["combined"]), (problem, ["single", "independent"])], cfg, rows.extend)
+    ev.run_problems(engine, [(problem, ["combined"]), (problem, ["single", "independent"])], cfg, rows.extend)
     got = {(r.method, r.budget): r for r in rows}
     for method, expected in (("combined", alone(2, "combined", "combined")),
                              ("single", alone(1, "independent", "solo-0"))):
