@@ -252,7 +252,8 @@ def test_end_to_end_tiny(tmp_path, model):
         assert "others_attention" not in summary["methods"]["single"][budget]
     curves = ev.read_curves(tmp_path / "collab.jsonl")
     assert set(curves) == {"combined"} and set(curves["combined"]) == {"tiny-1", "tiny-2", "tiny-3"}
-    assert all(len(v) == 3 and v[0] == 0.0 < v[1] for v in curves["combined"].values())  # nothing to read at pass 1
+    # same-pass visibility: at pass 1 each worker already reads the others' headers as they are fed
+    assert all(len(v) == 3 and all(0 < x < 1 for x in v) for v in curves["combined"].values())
     assert (tmp_path / "collaboration.png").read_bytes().startswith(PNG_SIGNATURE)
     assert {m: sorted(c) for m, c in summary["methods"].items()} == {
         m: ["2", "3"] for m in ("combined", "single", "independent")
