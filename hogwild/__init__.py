@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # no device for Triton kernels: run them in T
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from .cache import Block, SharedCache  # noqa: E402 (after the interpreter switch)
+from .cache import Block, SharedCache  # (imports after the interpreter switch: E402 off in pyproject)
 from .engine.batch import BatchLoop, LoopStep, SessionStep
 from .engine.engine import Engine
 from .engine.events import (
@@ -45,7 +45,7 @@ from .errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from .model import LoadedModel, load_model, ordinary_attention
+from .models import LoadedModel, load_model, ordinary_attention
 from .sampling import Sampler, SamplingParams
 
 __all__ = [

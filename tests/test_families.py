@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hogwild import InputError, Runner, generate, load_model
-from hogwild.model import TRITON_FEATURES
+from hogwild.models import TRITON_FEATURES
 
 WINDOW = 16
 TINY = dict(

@@ -17,7 +17,7 @@ from ..cache import Block, SharedCache
 from ..errors import ContextOverflowError, HogwildError, InputError
 from ..layers.attention import BACKENDS, PassPlan, Row, StaticBuffers, ViewEntry
 from ..layers.tiles import device_limits, fast_path
-from ..model import TRITON_FEATURES, LoadedModel
+from ..models import TRITON_FEATURES, LoadedModel
 
 log = logging.getLogger(__name__)
 
