@@ -29,6 +29,7 @@ browser:
 
 test: setup browser
 	$(PY) -m ruff check hogwild tests
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: setup
@@ -36,6 +37,7 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check hogwild tests
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(VENV)/bin/hogwild bench --out bench-results

@@ -4,7 +4,6 @@ The public API: ``Engine`` (load a model once; ``solve`` / ``stream`` problems),
 the events a stream yields, and the lower-level ``Runner``, ``SharedCache`` and ``generate``.
 """
 
-# ruff: noqa: E402 - the package's imports come after the interpreter switch and the log levels below
 import logging
 import os
 
@@ -46,7 +45,7 @@ from .errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from .model import LoadedModel, load_model, ordinary_attention
+from .models import LoadedModel, load_model, ordinary_attention
 from .sampling import Sampler, SamplingParams
 
 __all__ = [

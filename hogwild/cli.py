@@ -217,7 +217,7 @@ def register_prepare(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from .model import resolve
+    from .models import resolve
 
     name, path = resolve(None)
     print(f"{name} is ready in {path}")

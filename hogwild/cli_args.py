@@ -11,8 +11,8 @@ import argparse
 
 def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
     """--model or --random-config, --device, --dtype and --quantize: what ``load_from_args`` reads."""
-    from .model import RANDOM_CONFIGS
-    from .quantize import SCHEMES
+    from .models import RANDOM_CONFIGS
+    from .models.quantize import SCHEMES
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
@@ -56,7 +56,7 @@ def load_from_args(args):
     import torch
 
     from .errors import InputError
-    from .model import load_model, random_model
+    from .models import load_model, random_model
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # load_model checks it against the device
     preset = getattr(args, "random_config", None)

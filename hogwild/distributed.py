@@ -257,27 +257,6 @@ def shutdown() -> None:
         group.stop()
 
 
-def load_tp_model(source: str, tp: int, device, dtype):
-    """transformers' model sharded by its TP plan over the ``tp`` ranks of this group."""
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    from .model import ATTENTION_NAME
-
-    group = init_tp(tp, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=ATTENTION_NAME, distributed_config=DistributedConfig(tp_size=tp)
-    )
-    return model.to(group.device).eval(), group
-
-
-def local_kv_heads(model, head_dim: int) -> int:
-    """K/V heads held by this rank, from the k_proj weight's local shard (never from the config)."""
-    weight = model.get_decoder().layers[0].self_attn.k_proj.weight
-    local = weight.to_local() if hasattr(weight, "to_local") else weight
-    return local.shape[0] // head_dim
-
-
 def follow(model) -> int:
     """A follower rank's whole life after loading: mirror rank 0's cache and passes until told to stop."""
     import signal

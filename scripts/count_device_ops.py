@@ -24,7 +24,7 @@ import hogwild  # noqa: F401 - sets TRITON_INTERPRET=1 on a machine without CUDA
 import hogwild.layers.lean as lean
 import hogwild.layers.triton_attention as triton_attention
 from hogwild import Runner, WorkerStep
-from hogwild.model import RANDOM_CONFIGS, random_model
+from hogwild.models import RANDOM_CONFIGS, random_model
 
 #: Dispatcher ops that launch no kernel.
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "alias", "detach", "unsqueeze",

@@ -81,7 +81,7 @@ phase "quantized weights"
 quant() {  # a random model saved to disk, then each scheme: the benchmark (weight bytes in bench.json) and a solve
   local model="$out/quant-model"
   python3 -c 'import sys, torch
-from hogwild.model import random_model
+from hogwild.models import random_model
 m = random_model(sys.argv[2], dtype=torch.bfloat16)
 m.model.save_pretrained(sys.argv[1]); m.tokenizer.save_pretrained(sys.argv[1])' "$model" "${QUANT_PRESET:-tiny-qwen2-gqa7}" \
       || return 1

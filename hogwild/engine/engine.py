@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 
 from ..errors import HogwildError
-from ..model import LoadedModel, load_model
+from ..models import LoadedModel, load_model
 from ..protocol.prompts import ProtocolConfig
 from ..sampling import SamplingParams
 from .batch import BatchLoop
@@ -53,7 +53,7 @@ class Engine:
         quantize: str | None = None,
     ) -> Engine:
         """dtype: default float32, bf16 for quantized weights; quantize: "int8" (torchao weight-only) or
-        "nf4" (bitsandbytes) at load (``hogwild.quantize``); pre-quantized checkpoints load as they are."""
+        "nf4" (bitsandbytes) at load (``hogwild.models.quantize``); pre-quantized checkpoints load as they are."""
         model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize)
         return cls(model, protocol, attention, kv_memory)
 

@@ -18,7 +18,7 @@ from ..layers.backends import get_backend, resolve_backend
 from ..layers.reference_attention import ReferenceBackend
 from ..layers.tiles import device_limits, fast_path
 from ..layers.torch_attention import TorchBackend
-from ..model import LoadedModel
+from ..models import LoadedModel
 
 log = logging.getLogger(__name__)
 

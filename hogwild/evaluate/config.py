@@ -37,7 +37,7 @@ class EvalConfig:
     collab_every: int | None = None
     model: str | None = None
     dtype: str = "float32"
-    quantize: str | None = None  # --quantize (hogwild.quantize.SCHEMES)
+    quantize: str | None = None  # --quantize (hogwild.models.quantize.SCHEMES)
     batch: int = 1  # runs in flight at once, their workers sharing each forward pass
     collab_stats: bool = False  # attention shares every pass (collab.jsonl, collaboration.png)
 

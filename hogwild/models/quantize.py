@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from .errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
