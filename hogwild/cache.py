@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import CacheFullError
-from .layers.rope import RotationRows, rotate_by
+from .rope import RotationRows, rotate_by
 
 
 @dataclass(eq=False)

@@ -72,7 +72,7 @@ def load_from_args(args):
             raise InputError("--tp loads a saved model (--model); --random-config is not sharded")
         model = load_model(args.model, device=args.device, dtype=dtype, tp=tp, quantize=quantize)
         if not model.tp.leader:  # a follower rank mirrors rank 0's passes until the run ends, then exits
-            from .distributed import follow
+            from .engine.follow import follow
 
             raise SystemExit(follow(model))
         return model

@@ -7,7 +7,7 @@ import torch
 from hogwild import CacheFullError
 from hogwild.cache import SharedCache
 from hogwild.cli import main
-from hogwild.layers.rope import rotate_by
+from hogwild.rope import rotate_by
 
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from hogwild import collaboration as collab
 from hogwild.cache import SharedCache
+from hogwild.engine import collaboration as collab
 from hogwild.engine.engine import Engine
 from hogwild.engine.events import CollabEvent, DoneEvent, HistoryStep
 from hogwild.engine.runner import WorkerStep, plan_pass

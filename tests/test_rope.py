@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from hogwild.layers.rope import RotationRows, apply_rotation, rotate_by, rotation
+from hogwild.rope import RotationRows, apply_rotation, rotate_by, rotation
 
 ROPE_PARAMETERS = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},

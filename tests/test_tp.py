@@ -140,7 +140,8 @@ def test_bench_under_torchrun(tiny_models, tmp_path, capsys):
 MOVES = textwrap.dedent("""
     import json, sys, torch
     from hogwild.models import load_model
-    from hogwild.distributed import follow, shutdown
+    from hogwild.distributed import shutdown
+    from hogwild.engine.follow import follow
     from hogwild.engine.runner import Runner, WorkerStep
     model = load_model(sys.argv[1], tp=int(sys.argv[2]))
     if model.tp is not None and not model.tp.leader:

@@ -11,8 +11,8 @@ from hogwild.cache import SharedCache
 from hogwild.engine.runner import WorkerStep, plan_pass
 from hogwild.layers.attention import layer_options
 from hogwild.layers.reference_attention import ReferenceBackend
-from hogwild.layers.rope import rotate_by
 from hogwild.layers.torch_attention import TorchBackend
+from hogwild.rope import rotate_by
 
 SCALE = HEAD_DIM**-0.5
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import jinja2
 import torch
 
-from .. import collaboration as collab
 from ..cache import Block
 from ..errors import CacheFullError, ContextOverflowError, InputError
 from ..protocol import text as rules
 from ..protocol.layouts import HISTORY_LAYOUTS, LAYOUTS, SharedBlocks, finisher_view, view
 from ..protocol.prompts import ProtocolConfig
 from ..sampling import Sampler, SamplingParams
+from . import collaboration as collab
 from .events import (
     AnswerEvent,
     CollabEvent,

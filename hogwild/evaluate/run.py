@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import BatchLoop, CollabEvent, ContextOverflowError, Session, SnapshotEvent, SolveConfig
-from ..collaboration import on_others
+from ..engine.collaboration import on_others
 from .config import BASELINES, HOGWILD_LAYOUTS, EvalConfig
 from .data import Problem
 from .grading import check_answer, majority_vote

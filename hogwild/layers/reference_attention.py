@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..cache import SharedCache
+from ..rope import rotate_by
 from .attention import FEATURES, AttentionBackend, AttentionStats, PassPlan, Row, StaticBuffers
-from .rope import rotate_by
 
 
 class ReferenceBackend(AttentionBackend):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import Block, SharedCache
+from ..rope import rotation
 from .attention import FEATURES, AttentionBackend, AttentionStats, PassPlan, StaticBuffers, ViewEntry
-from .rope import rotation
 
 
 @dataclass

@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rope import RotationRows
 from .attention import Row
-from .rope import RotationRows
 from .tiles import DeviceLimits, attention_tiles, device_limits, triton_refusal
 
 #: Columns of the int32 tables (the kernels index them by these positions).

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..layers.attention import PARTIAL_ROTARY, PER_LAYER_ROPE, SINKS, SOFTCAP, WINDOWS
-from ..layers.rope import SUPPORTED_ROPE_TYPES
+from ..rope import SUPPORTED_ROPE_TYPES
 
 SUPPORTED_MODEL_TYPES = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2/2.5", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE",

@@ -13,7 +13,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..collaboration import server_payload
+from ..engine.collaboration import server_payload
 from ..engine.engine import Engine
 from ..engine.events import AnswerEvent, CollabEvent, Event, Result, StepEvent, StepStartEvent, TokenEvent
 from ..engine.session import SolveConfig

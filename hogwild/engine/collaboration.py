@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .cache import Block
-from .engine.events import HistoryStep
-from .protocol.layouts import SharedBlocks
+from ..cache import Block
+from ..protocol.layouts import SharedBlocks
+from .events import HistoryStep
 
 KINDS = ("prompt", "history", "protocol", "own")
 #: Word n-grams for "repeats another worker" (duplication) and for "changed course" (after a check).
