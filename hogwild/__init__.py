@@ -18,6 +18,7 @@ for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 from .cache import Block, SharedCache
+from .engine import collaboration
 from .engine.batch import BatchLoop, LoopStep, SessionStep
 from .engine.engine import Engine
 from .engine.events import (
@@ -82,6 +83,7 @@ __all__ = [
     "UnsupportedModelError",
     "WorkerStep",
     "WorkerText",
+    "collaboration",
     "generate",
     "load_model",
     "ordinary_attention",

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .engine.events import AnswerEvent, Event, PassEvent, StepEvent, StepStartEvent, TokenEvent
+from . import AnswerEvent, Event, PassEvent, StepEvent, StepStartEvent, TokenEvent
 
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 

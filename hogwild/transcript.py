@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .engine.events import Result
+from . import Result
 
 
 def to_markdown(problem: str, result: Result) -> str:

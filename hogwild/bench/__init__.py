@@ -99,8 +99,8 @@ def run_bench_command(args) -> int:
     the files are written anyway."""
     import torch
 
+    from .. import InputError
     from ..cli_args import load_from_args
-    from ..errors import InputError
     from .report import markdown_table, not_run_line, progress_line, result_json, write_json, write_outputs
 
     if args.threads is not None:
@@ -119,7 +119,7 @@ def run_bench_command(args) -> int:
         compile_backend=args.compile_backend,
     )
     if args.random_config:  # refuse bad sizes before building a large model
-        from ..models import RANDOM_CONFIGS
+        from .. import RANDOM_CONFIGS
 
         config.validate(RANDOM_CONFIGS[args.random_config]["max_position_embeddings"])
     model = load_from_args(args)

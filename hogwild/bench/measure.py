@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.runner import Runner
-from ..errors import CacheFullError, ContextOverflowError, InputError
-from ..models import LoadedModel
+from .. import CacheFullError, ContextOverflowError, InputError, LoadedModel, Runner
 from .methods import (
     HOGWILD_RUNNERS,
     METHODS,

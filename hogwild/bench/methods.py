@@ -33,9 +33,7 @@ import torch
 import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious, see CompiledCall
 from transformers import DynamicCache, StaticCache
 
-from ..cache import Block
-from ..engine.runner import Runner, WorkerStep
-from ..models import LoadedModel, ordinary_attention
+from .. import Block, LoadedModel, Runner, WorkerStep, ordinary_attention
 
 log = logging.getLogger(__name__)
 

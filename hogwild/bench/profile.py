@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import SharedCache
-from ..models import LoadedModel
+from .. import LoadedModel, SharedCache
 from .methods import synchronize
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import BatchLoop, CollabEvent, ContextOverflowError, Session, SnapshotEvent, SolveConfig
-from ..engine.collaboration import on_others
+from .. import BatchLoop, CollabEvent, ContextOverflowError, Session, SnapshotEvent, SolveConfig, collaboration
 from .config import BASELINES, HOGWILD_LAYOUTS, EvalConfig
 from .data import Problem
 from .grading import check_answer, majority_vote
@@ -100,7 +99,7 @@ def result_rows(run: ProblemRun) -> list[ResultRow]:
     """The rows of a finished run: one per method and budget."""
     problem, snapshots = run.problem, run.snapshots
     if run.group[0] in HOGWILD_LAYOUTS:
-        return [_row(problem, run.group[0], s, run.seeds[0], collaboration=True) for s in snapshots[0]]
+        return [_row(problem, run.group[0], s, run.seeds[0], measures=True) for s in snapshots[0]]
     rows = []
     if "single" in run.group:
         rows += [_row(problem, "single", s, run.seeds[0]) for s in snapshots[0]]
@@ -116,14 +115,14 @@ def result_rows(run: ProblemRun) -> list[ResultRow]:
 
 
 def _row(problem: Problem, method: str, snap: Snapshot, seed: int, votes: list | None = None,
-         collaboration: bool = False) -> ResultRow:
-    """collaboration: fill ``duplication`` and ``others_attention`` from the snapshot (hogwild layouts)."""
+         measures: bool = False) -> ResultRow:
+    """measures: fill ``duplication`` and ``others_attention`` from the snapshot (hogwild layouts)."""
     correct, extracted = check_answer(snap.answer, problem.answer)
     dup = attention = None
-    if collaboration:
+    if measures:
         dup = rounded_mean([d["ngram_overlap"] for d in snap.collaboration["duplication"].values()])
         if "attention" in snap.collaboration:
-            attention = rounded_mean([on_others(a) for a in snap.collaboration["attention"].values()])
+            attention = rounded_mean([collaboration.on_others(a) for a in snap.collaboration["attention"].values()])
     return ResultRow(
         problem.id, method, snap.budget, snap.answer, extracted, problem.answer, correct, snap.answered_by,
         snap.tokens, snap.forward_passes, round(snap.elapsed_s, 3), seed, votes, duplication=dup,
@@ -178,7 +177,7 @@ def run_problems(
                         raise got.error
                     run, i = owner[session]
                     if i == 0:
-                        run.others += [rounded_mean([on_others(s) for s in e.shares.values()])
+                        run.others += [rounded_mean([collaboration.on_others(s) for s in e.shares.values()])
                                        for e in got.events if isinstance(e, CollabEvent)]
                     run.snapshots[i] += [Snapshot.of(e) for e in got.events if isinstance(e, SnapshotEvent)]
                 for run in [run for run in active if run.done]:

@@ -52,7 +52,7 @@ def api_key_of(flag: str | None) -> str | None:
     """The API key from ``--api-key``, else from $HOGWILD_API_KEY, else None (no authentication).
     A key that is given but empty or blank is refused (InputError): ``--api-key "$KEY"`` with
     ``KEY`` unset must not serve an open API."""
-    from ..errors import InputError
+    from .. import InputError
 
     source, key = ("--api-key", flag) if flag is not None else (f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))
     if key is not None and not key.strip():
@@ -63,10 +63,8 @@ def api_key_of(flag: str | None) -> str | None:
 
 
 def run_serve(args) -> int:
-    from .. import distributed
+    from .. import Engine, InputError, distributed
     from ..cli_args import load_from_args, runner_options
-    from ..engine.engine import Engine
-    from ..errors import InputError
     from .app import create_app
     from .connections import ConnectionLimits
     from .lifecycle import DrainingServer, server_config

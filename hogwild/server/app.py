@@ -30,8 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.engine import Engine
-from ..errors import HogwildError
+from .. import Engine, HogwildError
 from .bodies import BoundedJsonRoute
 from .lifecycle import running, serve_in_thread
 from .requests import (

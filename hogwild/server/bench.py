@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import torch
 
-    from ..engine.engine import Engine
+    from .. import Engine
     from .app import create_app, serve_in_thread
 
     if args.threads:

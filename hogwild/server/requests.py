@@ -21,10 +21,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..engine.engine import Engine
-from ..engine.session import Session, SolveConfig
-from ..errors import ContextOverflowError, InputError
-from ..sampling import SamplingParams
+from .. import ContextOverflowError, Engine, InputError, SamplingParams, Session, SolveConfig
 
 DEFAULT_BUDGET = 512
 INT64_MAX = 2**63 - 1

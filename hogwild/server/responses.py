@@ -13,10 +13,18 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..engine.collaboration import server_payload
-from ..engine.engine import Engine
-from ..engine.events import AnswerEvent, CollabEvent, Event, Result, StepEvent, StepStartEvent, TokenEvent
-from ..engine.session import SolveConfig
+from .. import (
+    AnswerEvent,
+    CollabEvent,
+    Engine,
+    Event,
+    Result,
+    SolveConfig,
+    StepEvent,
+    StepStartEvent,
+    TokenEvent,
+    collaboration,
+)
 from .scheduler import Failed, Finished, Job, Scheduler, Update
 
 log = logging.getLogger(__name__)
@@ -69,7 +77,7 @@ def event_json(event: Event, names: list[str]) -> dict:
     """A streamed event; a ``CollabEvent`` as ``collaboration.server_payload`` (with the "who reads
     whom" matrix over ``names``, the workers in order)."""
     if isinstance(event, CollabEvent):
-        return server_payload(event, names)
+        return collaboration.server_payload(event, names)
     return {"type": EVENT_TYPES.get(type(event), type(event).__name__), **asdict(event)}
 
 

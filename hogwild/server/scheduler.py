@@ -25,11 +25,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..engine.batch import BatchLoop
-from ..engine.engine import Engine
-from ..engine.events import Event, PassEvent, Result, StepStartEvent, TokenEvent
-from ..engine.session import Session
-from ..errors import CacheFullError, HogwildError, InputError
+from .. import (
+    BatchLoop,
+    CacheFullError,
+    Engine,
+    Event,
+    HogwildError,
+    InputError,
+    PassEvent,
+    Result,
+    Session,
+    StepStartEvent,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
