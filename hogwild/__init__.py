@@ -19,6 +19,7 @@ for _name in ("torchao", "torch.utils._pytree"):
 
 from .cache import Block, SharedCache
 from .engine import collaboration
+from .engine.answering import AnsweringConfig, AnsweringSession
 from .engine.batch import BatchLoop, LoopStep, SessionStep
 from .engine.engine import Engine
 from .engine.events import (
@@ -26,8 +27,11 @@ from .engine.events import (
     CollabEvent,
     DoneEvent,
     Event,
+    FirstAnswerTokenEvent,
     HistoryStep,
+    ModeEvent,
     PassEvent,
+    ProbeEvent,
     Result,
     SnapshotEvent,
     StepEvent,
@@ -51,6 +55,8 @@ from .sampling import Sampler, SamplingParams
 
 __all__ = [
     "AnswerEvent",
+    "AnsweringConfig",
+    "AnsweringSession",
     "BatchLoop",
     "CollabEvent",
     "Block",
@@ -59,15 +65,18 @@ __all__ = [
     "DoneEvent",
     "Engine",
     "Event",
+    "FirstAnswerTokenEvent",
     "GenerateResult",
     "HistoryStep",
     "HogwildError",
     "InputError",
     "LoadedModel",
     "LoopStep",
+    "ModeEvent",
     "ModelLoadError",
     "PassEvent",
     "PassOutput",
+    "ProbeEvent",
     "Result",
     "Runner",
     "Sampler",

@@ -13,8 +13,10 @@ import torch
 
 from ..errors import HogwildError
 from ..models import LoadedModel, load_model
+from ..protocol.answering import AnsweringProtocol
 from ..protocol.prompts import ProtocolConfig
 from ..sampling import SamplingParams
+from .answering import AnsweringConfig, AnsweringSession, ProbePolicy
 from .batch import BatchLoop
 from .events import DoneEvent, Event, Result
 from .runner import Runner
@@ -39,6 +41,9 @@ class Engine:
         kv_memory: bytes of the K/V pool (default: ``default_kv_memory``)."""
         self.model = model
         self.protocol = protocol or ProtocolConfig()
+        self.answering = AnsweringProtocol()
+        #: Decides answer-while-thinking probes when a request names no policy (None: the model's P(yes) > P(no)).
+        self.probe_policy: ProbePolicy | None = None
         self.runner = Runner.for_model(model, attention, kv_memory)
 
     @classmethod
@@ -103,7 +108,29 @@ class Engine:
         session = self.session(problem, config)  # validates before the generator starts
         return self._run(session)
 
-    def _run(self, session: Session) -> Iterator[Event]:
+    def answering_session(self, problem: str, config: AnsweringConfig,
+                          probe_policy: ProbePolicy | None = None) -> AnsweringSession:
+        """A new answer-while-thinking session (not started): for drivers that batch sessions."""
+        return AnsweringSession(self.runner, problem, config, self.answering, probe_policy or self.probe_policy)
+
+    def stream_answer(
+        self,
+        problem: str,
+        thinkers: int = 1,
+        budget: int = 512,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        probe_policy: ProbePolicy | None = None,
+    ) -> Iterator[Event]:
+        """Answer while thinking: ``thinkers`` reason while a writer streams the answer, yielding
+        events as they happen (``TokenEvent`` with role "thinker" or "writer", ``ModeEvent``,
+        ``ProbeEvent``, ``FirstAnswerTokenEvent``, ``AnswerEvent``); the last is a DoneEvent whose
+        ``Result.answering`` holds the writer's text and the metrics. probe_policy: decides the
+        probes instead of the model (tests, experiments)."""
+        config = AnsweringConfig(thinkers, budget, sampling or SamplingParams(), seed)
+        return self._run(self.answering_session(problem, config, probe_policy))
+
+    def _run(self, session: Session | AnsweringSession) -> Iterator[Event]:
         loop = BatchLoop(self.runner)
         try:
             yield from loop.add(session)

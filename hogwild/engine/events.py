@@ -39,16 +39,49 @@ class Result:
     interrupted: bool = False
     # "duplication": per worker (always); "attention": per worker, run-average shares (collab_stats)
     collaboration: dict = field(default_factory=dict)
+    # answer while thinking (``AnsweringSession``): "text" (the writer's answer) and its metrics
+    answering: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """A worker generated a token; ``text`` is the new text it adds (may be empty mid-character)."""
+    """A worker generated a token; ``text`` is the new text it adds (may be empty mid-character).
+    role: "worker" (a hogwild solve), or "thinker" / "writer" (answer while thinking)."""
 
     worker: str
     worker_index: int
     token_id: int
     text: str
+    role: str = "worker"
+
+
+@dataclass(frozen=True)
+class ModeEvent:
+    """Answer while thinking changed mode: "think" (thinkers only, the writer paused or not started),
+    "both" (the writer writes while the thinkers think) or "write" (thinking is over)."""
+
+    mode: str
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class ProbeEvent:
+    """A probe asked a thinker whether its thoughts are far enough ahead of the answer: ``ready``
+    lets the writer write one more paragraph. reason: "interval" or "paragraph"."""
+
+    p_yes: float
+    p_no: float
+    ready: bool
+    reason: str
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class FirstAnswerTokenEvent:
+    """The writer's first token: after this many forward passes (probes not counted) and seconds."""
+
+    forward_passes: int
+    elapsed_s: float
 
 
 @dataclass(frozen=True)
@@ -121,4 +154,5 @@ class DoneEvent:
     result: Result
 
 
-Event = TokenEvent | StepStartEvent | StepEvent | PassEvent | CollabEvent | AnswerEvent | SnapshotEvent | DoneEvent
+Event = (TokenEvent | StepStartEvent | StepEvent | PassEvent | CollabEvent | AnswerEvent | SnapshotEvent | DoneEvent
+         | ModeEvent | ProbeEvent | FirstAnswerTokenEvent)
