@@ -309,7 +309,7 @@ class AnsweringSession:
             view = self._writer_view()
             steps = [WorkerStep([*self.writer.pending, *self._ids(self.protocol.finisher)], [*view, block])]
             decoded: list[int] = []
-            for _ in range(24):
+            for _ in range(self.protocol.finisher_tokens):
                 token = self.samplers["writer"].greedy(self.runner.forward(steps).logits)[0]
                 decoded.append(token)
                 if rules.close_finisher(self.tokenizer.decode(decoded)) != self.tokenizer.decode(decoded).strip():

@@ -65,3 +65,4 @@ class AnsweringProtocol:
     no: str = " no"
     probe_every: int = 20  # passes between probes while the writer waits
     finisher: str = "\n\nGiven the limited time, I have to answer now. The final answer is \\boxed{"
+    finisher_tokens: int = 24  # the finisher's answer is decoded up to its closing brace or this many tokens
