@@ -114,11 +114,15 @@ def quantization_config(scheme: str, dtype: torch.dtype):
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a weight takes in memory: a tensor subclass (torchao) by its inner tensors, a
-    bitsandbytes 4-bit weight with the scales kept beside it (its ``quant_state``)."""
+    bitsandbytes 4-bit weight with the scales kept beside it (its ``quant_state``), a
+    tensor-parallel shard (DTensor) by this rank's part."""
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is not None:
         names, _ = flatten()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+        parts = [getattr(tensor, name) for name in names]
+        return sum(tensor_bytes(p) for p in parts if isinstance(p, torch.Tensor))
     total = tensor.numel() * tensor.element_size()
     state = getattr(tensor, "quant_state", None)
     while state is not None:  # bitsandbytes: absmax (and the nested state of double quantization)
