@@ -130,3 +130,56 @@ def test_page_asks_for_the_api_key_when_the_server_wants_one(model):
                 browser.close()
     finally:
         torch.set_num_threads(before)
+
+
+def test_page_answers_while_thinking(model):
+    """"Answer while thinking" checked: the thoughts pane moves while the answer pane fills (the
+    probes always say yes: the embedded model would keep its writer waiting)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    engine = Engine(model)
+    engine.probe_policy = lambda i, p_yes, p_no: True
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with serve_in_thread(create_app(engine, max_sessions=1, queue_size=1)) as base, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                problems = []  # a Content-Security-Policy refusal would show here
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda error: problems.append(str(error)))
+                page.goto(base + "/")
+                expect(page.locator("#thinkers")).to_be_hidden()
+                page.check("#async")
+                expect(page.locator("#thinkers")).to_be_visible()
+                expect(page.locator("#workers")).to_be_hidden()
+                page.fill("#problem", "What is 12 * 7?")
+                page.fill("#budget", "20")
+                page.click("#solve")
+                expect(page.locator("#answer-pane")).to_be_visible(timeout=60_000)
+                # Record, in the order they happen, which pane each change of the board touches.
+                page.evaluate("""() => {
+                    window.touched = [];
+                    new MutationObserver((records) => records.forEach((r) => {
+                        const node = r.target.closest ? r.target : r.target.parentElement;
+                        const pane = node.closest(".column");
+                        window.touched.push(pane ? pane.id : "");
+                    })).observe(document.getElementById("board"), {childList: true, subtree: true});
+                }""")
+                expect(page.locator("#answer-box")).to_be_visible(timeout=120_000)
+                expect(page.locator("#solve")).to_be_enabled(timeout=60_000)
+                touched = page.evaluate("window.touched")
+                assert "answer-pane" in touched and "thoughts-pane" in touched, touched
+                first_answer = touched.index("answer-pane")
+                assert "thoughts-pane" in touched[first_answer:], "the thoughts stopped when the answer began"
+                assert page.locator("#thoughts-text").inner_text().strip()
+                assert page.locator("#answer-text").inner_text().strip()
+                assert "first answer token after" in page.locator("#status").inner_text()
+                expect(page.locator("#history")).to_be_hidden()
+                assert page.locator("#error").inner_text() == ""
+                assert problems == []
+            finally:
+                browser.close()
+    finally:
+        torch.set_num_threads(before)

@@ -2,8 +2,9 @@
 
 The parts live beside it: ``requests`` (strict request types, cheap checks, tokenizing off the
 event loop), ``scheduler`` (the thread that batches sessions), ``responses`` (OpenAI-shaped
-bodies and streams), ``security`` (Host allow-list, API key, body size limit, the last-resort
-500) and ``lifecycle`` (uvicorn with a bounded, draining shutdown).
+bodies and streams), ``answering`` (``hogwild.async``: answer while thinking), ``security``
+(Host allow-list, API key, body size limit, the last-resort 500) and ``lifecycle`` (uvicorn with
+a bounded, draining shutdown).
 
 A request is checked cheaply first (body size, the counts of its list items and object keys
 before it is parsed, types, the conversation's length in characters), then
@@ -31,6 +32,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import Engine, HogwildError
+from .answering import AnsweringReply, answering_config, prepare_answering
 from .bodies import BoundedJsonRoute
 from .lifecycle import running, serve_in_thread
 from .requests import (
@@ -174,7 +176,8 @@ def create_app(
         ]}
 
     async def solve(body: SolveRequest, conversation: Conversation, request: Request, chat: bool) -> Response:
-        config = solve_config(body)
+        answering = body.hogwild.async_  # answer while thinking instead of a hogwild solve
+        config = answering_config(body, conversation) if answering else solve_config(body)
         limits.check_chars(conversation)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -187,12 +190,16 @@ def create_app(
 
         with scheduler.reservation() as place:  # ServerBusy -> 503; queued from here on
             session = await anyio.to_thread.run_sync(
-                prepare_session, engine, limits, conversation, config, limiter=tokenizing[0]
+                prepare_answering if answering else prepare_session, engine, limits, conversation, config,
+                limiter=tokenizing[0],
             )
             job = Job(session, deliver, stream=bool(body.stream),
                       id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
             place.submit(job)
-        reply = Reply(state, config, len(session.prompt_ids), body.include_usage, chat, body.stops)
+        if answering:  # its prompt tokens are known once it starts (the job's prompt_tokens)
+            reply = AnsweringReply(state, config, 0, body.include_usage, chat, body.stops)
+        else:
+            reply = Reply(state, config, len(session.prompt_ids), body.include_usage, chat, body.stops)
         if body.stream:
             return ClosingStreamingResponse(
                 stream_chunks(job, queue, reply), media_type="text/event-stream",

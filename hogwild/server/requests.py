@@ -30,6 +30,7 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_STOP = 4  # stop sequences, as OpenAI allows
 MAX_STOP_CHARS = 256
 TOKENIZE_CHUNK_CHARS = 16_384
+MAX_THINKERS = 8  # answer while thinking: thinkers beside the writer (AnsweringConfig's range)
 SYSTEM_ROLES = ("system", "developer")  # "developer": OpenAI's newer name for the system role
 
 
@@ -95,7 +96,8 @@ class Message(BaseModel):
 
 
 class HogwildOptions(BaseModel):
-    """The ``hogwild`` extension object of a request."""
+    """The ``hogwild`` extension object of a request. ``async``: answer while thinking (an
+    ``AnsweringSession`` of ``thinkers`` thinkers and a writer) instead of a hogwild solve."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     workers: Int = 2
@@ -103,6 +105,16 @@ class HogwildOptions(BaseModel):
     collab_every: Int | None = None
     top_k: Int = 0
     collab_stats: bool = False  # stream a "who reads whom" event per pass
+    async_: bool = Field(False, alias="async")
+    thinkers: Annotated[int, Field(ge=0, le=MAX_THINKERS)] | None = None
+
+    def refuse_mixed(self) -> None:
+        """Name the first field set that the chosen kind of run does not read (400, never ignored)."""
+        unread = ("workers", "layout", "collab_every", "collab_stats") if self.async_ else ("thinkers",)
+        for name in unread:
+            if name in self.model_fields_set:
+                raise UnsupportedError(f"hogwild.{name}", "applies only without hogwild.async" if self.async_
+                                       else "applies only with hogwild.async: true (answer while thinking)")
 
 
 class StreamOptions(BaseModel):
@@ -233,9 +245,11 @@ def conversation_of(messages: list[Message]) -> Conversation:
     return Conversation(tuple(context), last["content"])
 
 
-def solve_config(body: SolveRequest) -> SolveConfig:
-    """Map a request onto the engine's SolveConfig (raises InputError for bad values)."""
+def budget_and_sampling(body: SolveRequest) -> tuple[int, SamplingParams]:
+    """What every kind of run reads: the budget in forward passes and the sampling (InputError for
+    bad values, fields this server does not do, and hogwild fields the kind of run does not read)."""
     refuse_unsupported(body)
+    body.hogwild.refuse_mixed()
     if body.n not in (None, 1):
         raise InputError(f"n must be 1, got {body.n}: one request is one collaborative solve")
     budget = DEFAULT_BUDGET if body.budget is None else body.budget
@@ -246,6 +260,12 @@ def solve_config(body: SolveRequest) -> SolveConfig:
         top_k=body.hogwild.top_k,
         top_p=1.0 if body.top_p is None else body.top_p,
     )
+    return budget, sampling
+
+
+def solve_config(body: SolveRequest) -> SolveConfig:
+    """Map a request onto the engine's SolveConfig (raises InputError for bad values)."""
+    budget, sampling = budget_and_sampling(body)
     opts = body.hogwild
     return SolveConfig(opts.workers, opts.layout, budget, sampling, body.seed, opts.collab_every,
                        collab_stats=opts.collab_stats)

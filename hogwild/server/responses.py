@@ -151,17 +151,48 @@ class Reply:
     def chunk(self, job: Job, delta: dict | None, hogwild: dict | None = None, finish: str | None = None,
               result: Result | None = None) -> str:
         """One server-sent event with a ``chat.completion.chunk`` (a ``text_completion`` with the
-        delta's content as ``text``); ``delta=None`` is the usage chunk."""
+        delta's content as ``text``, and its ``reasoning_content`` beside it); ``delta=None`` is the
+        usage chunk."""
         body = {"id": job.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.state.model_name, "system_fingerprint": None}
         if delta is None:
             body.update(choices=[], usage=usage(self.prompt_tokens, result))
         else:
             part = {"delta": delta} if self.chat else {"text": delta.get("content", "")}
+            if not self.chat and "reasoning_content" in delta:
+                part["reasoning_content"] = delta["reasoning_content"]
             body["choices"] = [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]
         if hogwild is not None:
             body["hogwild"] = hogwild
         return f"data: {dumps(body)}\n\n"
+
+    def opening(self, job: Job) -> str:
+        """The first chunk: the role, and the run's shape in ``hogwild``."""
+        config = self.config
+        return self.chunk(job, {"role": "assistant", "content": ""} if self.chat else {}, {
+            "workers": self.names(), "layout": config.layout, "budget": config.budget,
+            "prompt_tokens": self.prompt_tokens,
+        })
+
+    def names(self) -> list[str]:
+        return [self.state.engine.protocol.name(i) for i in range(self.config.workers)]
+
+    def update(self, job: Job, item: Update) -> list[str]:
+        """The chunks of one update: one with the pass's events in ``hogwild.events``."""
+        if not item.events:
+            return []
+        return [self.chunk(job, {}, {
+            "forward_passes": item.forward_passes, "tokens_generated": item.tokens_generated,
+            "events": [event_json(e, self.names()) for e in item.events],
+        })]
+
+    def ending(self, job: Job, result: Result) -> list[str]:
+        """The answer, the chunk with the finish reason and the transcript, the usage if asked for."""
+        text, finish = self.answer(result)
+        chunks = [self.chunk(job, {"content": text}), self.chunk(job, {}, {"result": transcript(result)}, finish)]
+        if self.include_usage:
+            chunks.append(self.chunk(job, None, result=result))
+        return chunks
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -200,35 +231,24 @@ async def complete(job: Job, queue: asyncio.Queue, reply: Reply, request: Reques
 
 
 async def stream_chunks(job: Job, queue: asyncio.Queue, reply: Reply) -> AsyncIterator[str]:
-    """Server-sent events: OpenAI chunks whose ``hogwild`` field carries the workers' events."""
+    """Server-sent events: the reply's opening chunk, its chunks for each update, its closing
+    chunks (or an error chunk), then ``[DONE]``. A client that goes away cancels the job."""
     done = False
-    config = reply.config
     try:
-        names = [reply.state.engine.protocol.name(i) for i in range(config.workers)]
-        yield reply.chunk(job, {"role": "assistant", "content": ""} if reply.chat else {}, {
-            "workers": names, "layout": config.layout, "budget": config.budget, "prompt_tokens": reply.prompt_tokens,
-        })
+        yield reply.opening(job)
         while True:
             item = await queue.get()
             if isinstance(item, Update):
-                if item.events:
-                    yield reply.chunk(job, {}, {
-                        "forward_passes": item.forward_passes, "tokens_generated": item.tokens_generated,
-                        "events": [event_json(e, names) for e in item.events],
-                    })
+                for chunk in reply.update(job, item):
+                    yield chunk
                 continue
             done = True
             if isinstance(item, Failed):
                 kind = "invalid_request_error" if item.status < 500 else "server_error"
                 yield f"data: {dumps(error_body(item.message, kind, item.code))}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            result = item.result
-            text, finish = reply.answer(result)
-            yield reply.chunk(job, {"content": text})
-            yield reply.chunk(job, {}, {"result": transcript(result)}, finish)
-            if reply.include_usage:
-                yield reply.chunk(job, None, result=result)
+            else:
+                for chunk in reply.ending(job, item.result):
+                    yield chunk
             yield "data: [DONE]\n\n"
             return
     finally:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import (
+    AnsweringSession,
     BatchLoop,
     CacheFullError,
     Engine,
@@ -79,15 +80,18 @@ class ServerBusy(HogwildError):
 
 @dataclass(eq=False)
 class Job:
-    """One request inside the scheduler. ``deliver`` must be thread-safe."""
+    """One request inside the scheduler: a hogwild ``Session`` or an ``AnsweringSession`` (answer
+    while thinking), batched alike. ``deliver`` must be thread-safe; ``prompt_tokens`` is set when
+    the session starts (the tokens its prompts prefilled)."""
 
-    session: Session
+    session: Session | AnsweringSession
     deliver: Callable[[Item], None]
     stream: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     streamed: dict[str, list[str]] = field(default_factory=dict)  # worker -> texts sent so far
+    prompt_tokens: int = 0
 
     def send(self, events: list[Event], final: Result | None = None) -> None:
         """Deliver a streamed update; with the ``final`` result, trim it so that what was streamed
@@ -98,6 +102,14 @@ class Job:
             if isinstance(e, StepStartEvent | TokenEvent):
                 self.streamed.setdefault(e.worker, []).append(e.text)
         self.deliver(Update(events, self.session.forward_passes, self.session.tokens_generated))
+
+
+def prompt_tokens(session: Session | AnsweringSession) -> int:
+    """The tokens a started session prefilled as its prompts (an answering session has two: the
+    thinkers' and the writer's)."""
+    if isinstance(session, AnsweringSession):
+        return session.tp.length + session.wp.length
+    return len(session.prompt_ids)
 
 
 def final_events(events: list[Event], streamed: dict[str, list[str]], result: Result) -> list[Event]:
@@ -382,6 +394,7 @@ class Scheduler:
         try:
             opened = self.loop.add(session)
             job.started = True
+            job.prompt_tokens = prompt_tokens(session)
             if job.stream:
                 job.send(opened)  # the workers' first steps
         except CacheFullError as exc:  # raised before any work: the session is untouched
@@ -393,6 +406,9 @@ class Scheduler:
                     return None
             log.warning("session %s does not fit the idle K/V pool: %s", job.id, exc)
             return self._remove(job, "failed", Failed(str(exc), 400, "kv_cache_too_small"))
+        except InputError as exc:  # the request's own fault, found only at start (a prompt beyond the context)
+            log.info("session %s refused at start: %s", job.id, exc)
+            return self._remove(job, "failed", Failed(str(exc), 400, getattr(exc, "code", None)))
         except Exception as exc:
             log.exception("session %s failed to start", job.id)
             return self._remove(job, "failed", Failed(f"{type(exc).__name__}: {exc}"))
