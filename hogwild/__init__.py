@@ -19,7 +19,7 @@ for _name in ("torchao", "torch.utils._pytree"):
 
 from .cache import Block, SharedCache
 from .engine import collaboration
-from .engine.answering import AnsweringConfig, AnsweringSession
+from .engine.answering import MAX_THINKERS, AnsweringConfig, AnsweringSession
 from .engine.batch import BatchLoop, LoopStep, SessionStep
 from .engine.engine import Engine
 from .engine.events import (
@@ -54,6 +54,7 @@ from .models import LoadedModel, load_model, ordinary_attention
 from .sampling import Sampler, SamplingParams
 
 __all__ = [
+    "MAX_THINKERS",
     "AnswerEvent",
     "AnsweringConfig",
     "AnsweringSession",

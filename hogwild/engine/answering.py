@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cache import Block
-from ..errors import InputError
+from ..errors import CacheFullError, InputError
 from ..protocol import text as rules
 from ..protocol.answering import AnsweringProtocol
 from ..protocol.prompts import DEFAULT_NAMES
@@ -44,6 +44,8 @@ from .session import chat_ids
 
 #: (probe number from 0, P(yes), P(no)) -> whether the writer may write one more paragraph.
 ProbePolicy = Callable[[int, float, float], bool]
+#: Thinkers beside the writer at most.
+MAX_THINKERS = 8
 #: Tokens that end a turn in the chat templates of the families hogwild runs.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|return|>")
 
@@ -62,8 +64,8 @@ class AnsweringConfig:
     collab_stats: bool = False
 
     def check(self) -> None:
-        if not 0 <= self.thinkers <= 8:
-            raise InputError(f"thinkers must be between 0 and 8, got {self.thinkers}")
+        if not 0 <= self.thinkers <= MAX_THINKERS:
+            raise InputError(f"thinkers must be between 0 and {MAX_THINKERS}, got {self.thinkers}")
         if self.budget < 1:
             raise InputError(f"the budget must be at least 1 forward pass, got {self.budget}")
         if self.collab_stats:
@@ -132,6 +134,7 @@ class AnsweringSession:
         self.writer: Role | None = None
         self._blocks: list[Block] = []
         self._events: list[Event] = []
+        self._bound: int | None = None
 
     # -- set-up --------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -150,13 +153,25 @@ class AnsweringSession:
 
     def token_bound(self) -> int:
         """Pool slots this session needs at most: prompts, splits, every role's budget, a probe and
-        the finisher."""
-        p = self.protocol
-        fixed = sum(len(self._ids(t)) for t in (p.thinker_system, p.writer_system, p.probe, p.finisher))
-        return 2 * len(self._ids(self.problem)) + fixed + (self.config.thinkers + 1) * (self.config.budget + 16) + 256
+        the finisher (computed once)."""
+        if self._bound is None:
+            p = self.protocol
+            fixed = sum(len(self._ids(t)) for t in (p.thinker_system, p.writer_system, p.probe, p.finisher))
+            roles = (self.config.thinkers + 1) * (self.config.budget + 16)
+            self._bound = 2 * len(self._ids(self.problem)) + fixed + roles + 256
+        return self._bound
 
     def start(self) -> None:
-        """Prefill the prompts and splits (two passes), open the roles."""
+        """Prefill the prompts and splits (two passes), open the roles. Raises CacheFullError before
+        any work when the pool has fewer free slots than ``token_bound`` (a server keeps the session
+        waiting and starts it again later)."""
+        need = self.token_bound()
+        if need > self.cache.free_tokens:
+            raise CacheFullError(
+                f"the KV cache has {self.cache.free_tokens} free token slots of {self.cache.capacity_tokens}; "
+                f"this run may need up to {need} ({self.config.thinkers} thinkers and a writer, a budget of "
+                f"{self.config.budget} passes); give the cache more memory (--kv-memory) or lower the budget"
+            )
         t0 = time.perf_counter()
         p, k = self.protocol, self.config.thinkers
         names = DEFAULT_NAMES[:k]

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .. import ContextOverflowError, Engine, InputError, SamplingParams, Session, SolveConfig
+from .. import MAX_THINKERS, ContextOverflowError, Engine, InputError, SamplingParams, Session, SolveConfig
 
 DEFAULT_BUDGET = 512
 INT64_MAX = 2**63 - 1
@@ -30,7 +30,6 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_STOP = 4  # stop sequences, as OpenAI allows
 MAX_STOP_CHARS = 256
 TOKENIZE_CHUNK_CHARS = 16_384
-MAX_THINKERS = 8  # answer while thinking: thinkers beside the writer (AnsweringConfig's range)
 SYSTEM_ROLES = ("system", "developer")  # "developer": OpenAI's newer name for the system role
 
 
