@@ -223,6 +223,7 @@ def drive(stream, view, keep: tuple[type, ...] = ()):
         except (KeyboardInterrupt, StopIteration):
             result = None
     finally:
+        stream.close()  # frees the session's blocks (a no-op once the stream has ended)
         if live is not None:
             live.stop()
     return result, kept

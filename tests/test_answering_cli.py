@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from hogwild import Engine, FirstAnswerTokenEvent, ModeEvent, ProbeEvent, TokenEvent
-from hogwild.cli import main
+from hogwild.cli import drive, main
 from hogwild.live import AnsweringView
 from hogwild.transcript import to_markdown
 
@@ -131,3 +131,22 @@ def test_async_refusals(capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
+
+
+def test_ctrl_c_hands_back_the_partial_run():
+    """Ctrl-C while the live view draws: the engine stops, the partial run comes back, blocks are freed."""
+    from hogwild import PassEvent
+    from hogwild.models import random_model
+
+    class Interrupted(AnsweringView):
+        def update(self, event):
+            super().update(event)
+            if isinstance(event, PassEvent) and event.forward_passes == 3:
+                raise KeyboardInterrupt
+
+    engine = Engine(random_model("tiny-qwen2"))
+    stream = engine.stream_answer(PROBLEM, budget=50, seed=0)
+    result, kept = drive(stream, Interrupted(thinkers=1, budget=50), keep=(ModeEvent,))
+    assert result.interrupted and result.forward_passes == 3 and result.layout == "answering"
+    assert kept == [ModeEvent("think", 0)]
+    assert not engine.runner.cache.blocks
