@@ -103,19 +103,40 @@ def register_solve(sub) -> None:
     p.add_argument("problem", nargs="?", help="the problem text")
     p.add_argument("--problem-file", help="read the problem from this file")
     p.add_argument("--sample", action="store_true", help="solve a built-in sample problem")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--layout", default="combined", help="combined, contiguous, interleaved or independent")
-    p.add_argument("--budget", type=int, default=512, help="forward passes (each: one token per worker)")
+    p.add_argument("--workers", type=int, default=None, help="hogwild workers (default: 2)")
+    p.add_argument("--layout", default=None, help="combined (the default), contiguous, interleaved or independent")
+    p.add_argument("--budget", type=int, default=512,
+                   help="forward passes (each: one token per worker; with --async per thinker and the writer)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--collab-every", type=int, default=None, help="tokens between redundancy checks (0: off)")
     p.add_argument("--collab-stats", action="store_true",
                    help="record where each worker's attention goes, every pass (decode passes run eagerly)")
+    p.add_argument("--async", dest="answer_async", action="store_true",
+                   help="answer while thinking: a writer streams the answer while --thinkers reason (docs/async.md)")
+    p.add_argument("--thinkers", type=int, default=None,
+                   help="with --async: thinkers beside the writer, 0 to 8 (default: 1; 0: no thinking)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--transcript", help="write a Markdown transcript to this file")
     add_model_arguments(p)
     p.set_defaults(func=run_solve)
+
+
+#: solve's options that only a hogwild solve reads (argument name, flag): --async refuses them.
+HOGWILD_ONLY = (("workers", "--workers"), ("layout", "--layout"), ("collab_every", "--collab-every"),
+                ("collab_stats", "--collab-stats"))
+
+
+def check_solve_flags(args) -> None:
+    """Refuse flags that make no sense together, before anything loads."""
+    if not args.answer_async:
+        if args.thinkers is not None:
+            raise InputError("--thinkers needs --async (a hogwild solve has --workers)")
+        return
+    for name, flag in HOGWILD_ONLY:
+        if getattr(args, name) not in (None, False):
+            raise InputError(f"{flag} does not apply to --async (one writer and --thinkers thinkers); drop it")
 
 
 def read_problem(args) -> str:
@@ -136,54 +157,86 @@ def read_problem(args) -> str:
 
 
 def run_solve(args) -> int:
-    from .engine.engine import Engine
-    from .engine.events import DoneEvent
-    from .engine.session import SolveConfig
-    from .sampling import SamplingParams
-    from .transcript import to_markdown, write_atomically
+    from . import AnsweringConfig, Engine, FirstAnswerTokenEvent, ModeEvent, ProbeEvent, SamplingParams, SolveConfig
 
+    check_solve_flags(args)
     problem = read_problem(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    if args.answer_async:
+        thinkers = 1 if args.thinkers is None else args.thinkers
+        AnsweringConfig(thinkers, args.budget, sampling, args.seed).check()  # before the model loads
     engine = Engine(load_from_args(args), **runner_options(args))
-    config = SolveConfig(args.workers, args.layout, args.budget, sampling, args.seed, args.collab_every)
-    config.check(engine.protocol)  # bad input fails before the live view starts
-    stream = engine.stream(
-        problem, workers=args.workers, layout=args.layout, budget=args.budget, sampling=sampling,
-        seed=args.seed, collab_every=args.collab_every, collab_stats=args.collab_stats,
-    )
-    result = None
+    if args.answer_async:
+        stream = engine.stream_answer(problem, thinkers=thinkers, budget=args.budget, sampling=sampling,
+                                      seed=args.seed)
+        keep = (ModeEvent, ProbeEvent, FirstAnswerTokenEvent)  # the transcript's timeline
+    else:
+        workers = 2 if args.workers is None else args.workers
+        layout = "combined" if args.layout is None else args.layout
+        config = SolveConfig(workers, layout, args.budget, sampling, args.seed, args.collab_every)
+        config.check(engine.protocol)  # bad input fails before the live view starts
+        stream = engine.stream(
+            problem, workers=workers, layout=layout, budget=args.budget, sampling=sampling,
+            seed=args.seed, collab_every=args.collab_every, collab_stats=args.collab_stats,
+        )
+        keep = ()
     view = None
     if not args.json:
+        from .live import AnsweringView, LiveView
+
+        view = (AnsweringView(thinkers, args.budget) if args.answer_async else
+                LiveView([engine.protocol.name(i) for i in range(workers)], args.budget))
+    result, kept = drive(stream, view, keep)
+    if result is None:
+        return 130
+    report_solve(args, problem, result, engine, kept)
+    return 130 if result.interrupted else 0
+
+
+def drive(stream, view, keep: tuple[type, ...] = ()):
+    """Run a solve's event stream to its DoneEvent, drawing ``view`` live when there is one.
+    Returns (the Result, or None when Ctrl-C came before the run could hand one back; the events of
+    the types in ``keep``). Ctrl-C stops the engine, which hands back the partial run."""
+    from . import DoneEvent
+
+    result, kept = None, []
+    live = None
+    if view is not None:
         from rich.console import Console
         from rich.live import Live
 
-        from .live import LiveView
-
-        view = LiveView([engine.protocol.name(i) for i in range(args.workers)], args.budget)
         live = Live(view.render(), console=Console(), refresh_per_second=8, transient=False)
     try:
-        if view is None:
-            for event in stream:
-                if isinstance(event, DoneEvent):
-                    result = event.result
-        else:
-            with live:
-                for event in stream:
-                    view.update(event)
-                    live.update(view.render())
-                    if isinstance(event, DoneEvent):
-                        result = event.result
+        if live is not None:
+            live.start()
+        for event in stream:
+            if isinstance(event, keep):
+                kept.append(event)
+            if isinstance(event, DoneEvent):
+                result = event.result
+            if view is not None:
+                view.update(event)
+                live.update(view.render())
     except KeyboardInterrupt:
         try:
             result = stream.throw(KeyboardInterrupt).result  # the engine stops and hands back the partial run
         except (KeyboardInterrupt, StopIteration):
             result = None
-    if result is None:
-        return 130
+    finally:
+        stream.close()  # frees the session's blocks (a no-op once the stream has ended)
+        if live is not None:
+            live.stop()
+    return result, kept
+
+
+def report_solve(args, problem: str, result, engine, events: list) -> None:
+    """The transcript file, then the JSON object or the answer line (a partial run: its transcript too)."""
+    from .transcript import to_markdown, write_atomically
+
     if args.transcript:
-        write_atomically(args.transcript, to_markdown(problem, result))
+        write_atomically(args.transcript, to_markdown(problem, result, events))
     if args.json:
-        print(json.dumps({
+        data = {
             "answer": result.answer,
             "workers": [{"name": w.name, "text": w.text} for w in result.workers],
             "history": [{"worker": h.worker, "step": h.step, "text": h.text} for h in result.history],
@@ -195,19 +248,25 @@ def run_solve(args) -> int:
             "weights": {"quantization": engine.model.quantization, "bytes": engine.model.weight_bytes},
             "layout": result.layout,
             "collaboration": result.collaboration,
-        }))
-    else:
-        from rich.console import Console
+        }
+        if result.layout == "answering":  # the writer's text and the metrics (docs/async.md)
+            data |= {"answered_by": result.answered_by, "answering": result.answering}
+        print(json.dumps(data))
+        return
+    from rich.console import Console
 
-        console = Console()
-        if result.interrupted:
-            console.print("[bold red]Interrupted.[/] The partial transcript:")
-            console.print(to_markdown(problem, result))
-        console.print(
-            f"[bold]Answer:[/] {result.answer} [dim](by {result.answered_by}; {result.forward_passes} passes, "
-            f"{result.tokens_generated} tokens, {result.elapsed_s:.1f} s)[/dim]"
-        )
-    return 130 if result.interrupted else 0
+    console = Console()
+    if result.interrupted:
+        console.print("[bold red]Interrupted.[/] The partial transcript:")
+        console.print(to_markdown(problem, result, events))
+    extra = ""
+    if result.answering.get("first_answer_s") is not None:
+        extra = (f"; first answer token after {result.answering['first_answer_passes']} passes, "
+                 f"{result.answering['first_answer_s']:.1f} s")
+    console.print(
+        f"[bold]Answer:[/] {result.answer} [dim](by {result.answered_by}; {result.forward_passes} passes, "
+        f"{result.tokens_generated} tokens, {result.elapsed_s:.1f} s{extra})[/dim]"
+    )
 
 
 # -- prepare ------------------------------------------------------------------------------------

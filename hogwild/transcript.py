@@ -1,20 +1,37 @@
-"""A readable Markdown transcript of a collaboration, built from a Result."""
+"""A readable Markdown transcript of a run, built from a Result: a collaboration of hogwild workers,
+or answer while thinking (the thinkers' thoughts, the writer's answer as written, the metrics and,
+given the run's events, the timeline of modes and probes)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
-from . import Result
+from . import Event, FirstAnswerTokenEvent, ModeEvent, ProbeEvent, Result
+
+#: Result.answering's metrics as the transcript names them (units in the names).
+METRICS = {
+    "first_answer_passes": "forward passes to the first answer token",
+    "first_answer_s": "seconds to the first answer token",
+    "answer_tokens": "answer tokens",
+    "answer_tokens_per_s": "answer tokens per second (after the first)",
+    "pauses": "pauses of the writer",
+    "paused_passes": "forward passes with the writer paused",
+    "longest_pause": "longest pause (forward passes)",
+    "paused_share": "share of forward passes with the writer paused",
+    "probe_passes": "probe passes",
+    "probe_s": "seconds spent in probes",
+}
 
 
-def to_markdown(problem: str, result: Result) -> str:
-    lines = [
-        "# Hogwild! transcript",
+def _head(title: str, problem: str, result: Result, roles: str) -> list[str]:
+    return [
+        f"# {title}",
         "",
         f"- model: {result.model}",
-        f"- layout: {result.layout}, workers: {', '.join(w.name for w in result.workers)}",
+        f"- {roles}",
         f"- forward passes: {result.forward_passes}, tokens generated: {result.tokens_generated}, "
         f"time: {result.elapsed_s:.1f} s" + (" (interrupted)" if result.interrupted else ""),
         "",
@@ -22,9 +39,21 @@ def to_markdown(problem: str, result: Result) -> str:
         "",
         problem.strip(),
         "",
-        "## Finished steps, in the order they were finished",
-        "",
     ]
+
+
+def _answer(result: Result) -> list[str]:
+    answer = result.answer if result.answer is not None else "(none)"
+    return ["## Answer", "", f"{answer} (by {result.answered_by or 'nobody'})", ""]
+
+
+def to_markdown(problem: str, result: Result, events: Iterable[Event] = ()) -> str:
+    """The transcript; ``events`` (the run's, any kinds) add the timeline of an answering run."""
+    if result.layout == "answering":
+        return answering_markdown(problem, result, events)
+    lines = _head("Hogwild! transcript", problem, result,
+                  f"layout: {result.layout}, workers: {', '.join(w.name for w in result.workers)}")
+    lines += ["## Finished steps, in the order they were finished", ""]
     for step in result.history:
         lines += [f"**{step.worker} [{step.step}]:** {step.text.strip()}", ""]
     if not result.history:
@@ -33,9 +62,36 @@ def to_markdown(problem: str, result: Result) -> str:
     for worker in result.workers:
         lines += [f"### {worker.name}", "", worker.text.strip() or "(nothing)", ""]
     lines += collaboration_section(result.collaboration)
-    answer = result.answer if result.answer is not None else "(none)"
-    lines += ["## Answer", "", f"{answer} (by {result.answered_by or 'nobody'})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _answer(result))
+
+
+def answering_markdown(problem: str, result: Result, events: Iterable[Event] = ()) -> str:
+    """Answer while thinking: the thoughts, the answer as the writer wrote it, the metrics, the timeline."""
+    thinkers = result.workers[:-1]  # the writer comes last
+    roles = f"answer while thinking: {len(thinkers)} thinker(s) ({', '.join(w.name for w in thinkers) or 'none'}) "
+    lines = _head("Hogwild! transcript: answer while thinking", problem, result, roles + "and a writer")
+    lines += ["## Thoughts", ""]
+    for worker in thinkers:
+        lines += [f"### {worker.name}", "", worker.text.strip() or "(nothing)", ""]
+    if not thinkers:
+        lines += ["(no thinking: the writer answered at once)", ""]
+    lines += ["## Answer as written", "", result.answering.get("text", "").strip() or "(nothing written)", ""]
+    lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {'-' if result.answering.get(key) is None else result.answering[key]} |"
+              for key, label in METRICS.items()]
+    timeline = [_moment(e) for e in events if isinstance(e, (ModeEvent, ProbeEvent, FirstAnswerTokenEvent))]
+    if timeline:
+        lines += ["", "## Timeline", "", *timeline]
+    return "\n".join([*lines, "", *_answer(result)])
+
+
+def _moment(event: ModeEvent | ProbeEvent | FirstAnswerTokenEvent) -> str:
+    if isinstance(event, ModeEvent):
+        return f"- pass {event.forward_passes}: mode {event.mode}"
+    if isinstance(event, ProbeEvent):
+        return (f"- pass {event.forward_passes}: probe ({event.reason}), P(yes) {event.p_yes:.3f}, "
+                f"P(no) {event.p_no:.3f}: {'yes' if event.ready else 'no'}")
+    return f"- pass {event.forward_passes}: first answer token ({event.elapsed_s:.1f} s)"
 
 
 def collaboration_section(collaboration: dict) -> list[str]:

@@ -1,10 +1,12 @@
 """The evaluation harness: answer checking, voting, resume, summary, plot, and a tiny real run."""
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 
+from hogwild import DoneEvent, Engine
 from hogwild import evaluate as ev
 from hogwild.cli import main
 from hogwild.errors import InputError
@@ -212,6 +214,9 @@ def test_stderr():
         (["--limit", "0"], "--limit"),
         (["--batch", "0"], "--batch"),
         (["--temperature", "-1"], "temperature"),
+        (["--thinkers", "2"], "--thinkers needs --answering"),
+        (["--answering", "--thinkers", "0"], "--baselines nothink"),
+        (["--answering", "--thinkers", "9"], "between 1 and 8"),
     ],
 )
 def test_bad_arguments_exit_code_2(tmp_path, capsys, argv, message):
@@ -222,6 +227,48 @@ def test_bad_arguments_exit_code_2(tmp_path, capsys, argv, message):
 def test_unknown_dataset_exit_code_2(tmp_path, capsys):
     code, _, err = run(capsys, "eval", "--dataset", "nope", "--out", str(tmp_path))
     assert code == 2 and "no dataset 'nope'" in err
+
+
+def test_answering_methods_run_alone():
+    assert ev.run.method_groups(["combined", "answering", "single", "nothink", "independent"]) == [
+        ["combined"], ["answering"], ["nothink"], ["single", "independent"]
+    ]
+    assert config(Path("."), answering=True, baselines=("nothink",)).methods == ("combined", "answering", "nothink")
+
+
+def test_resume_of_a_dir_older_than_thinkers(tmp_path, monkeypatch):
+    """run.json written before --thinkers existed: its runs had one thinker's worth of nothing."""
+    monkeypatch.setattr(ev, "run_problems", fake_run_problems([]))
+    cfg = config(tmp_path)
+    ev.evaluate(cfg, lambda: None)
+    info = json.loads((cfg.out / "run.json").read_text())
+    del info["thinkers"]
+    (cfg.out / "run.json").write_text(json.dumps(info))
+    ev.evaluate(cfg, lambda: None)
+    with pytest.raises(InputError, match="thinkers: 1 there, 2 now"):
+        ev.evaluate(config(tmp_path, answering=True, thinkers=2), lambda: None)
+
+
+def test_first_answer_summary_and_table():
+    """A run whose writer wrote nothing counts at its end (the finisher's answer comes last)."""
+    problems = [ev.Problem(f"p{i}", "q", "1") for i in range(2)]
+    rows = [
+        ev.ResultRow("p0", "answering", 8, "1", "1", "1", True, "Writer", 8, 8, 4.0, 0, first_answer_passes=2,
+                     first_answer_s=1.0, probe_passes=1),
+        ev.ResultRow("p1", "answering", 8, "2", "2", "1", False, "finisher", 8, 8, 6.0, 0, probe_passes=0),
+        *(ev.ResultRow(f"p{i}", "single", 8, "1", "1", "1", True, "Alice", 8, 8, 3.0, 0) for i in range(2)),
+    ]
+    cfg = ev.EvalConfig(dataset="x.jsonl", out=Path("."), layouts=(), answering=True, baselines=("single",),
+                        budgets=(8,))
+    summary = ev.summarize(rows, cfg, problems)
+    cell = summary.methods["answering"][8]
+    assert (cell.accuracy, cell.first_answer_passes, cell.first_answer_s, cell.writer_started) == (0.5, 5.0, 3.5, 0.5)
+    assert "first_answer_passes" not in summary.to_json()["methods"]["single"]["8"]
+    out = io.StringIO()
+    ev.report.print_table(summary, cfg, file=out)
+    text = out.getvalue()
+    assert "answering (1 thinker, a writer)" in text and "first token 5.0 / 3.5 s" in text
+    assert text.count("first token") == 1
 
 
 def test_seeds_are_fixed_and_distinct():
@@ -312,3 +359,42 @@ def test_batched_runs_match_the_engine(model):
                 for b in (2, 4)] == expected
     assert got[("independent", 4)].votes[0] == got[("single", 4)].answer
     assert not engine.runner.cache.blocks  # every session's blocks are freed
+
+
+def test_answering_end_to_end_tiny(tmp_path):
+    """answering and nothink on the 3 tiny problems, a session per budget, batched in one loop (the
+    model decides the probes); a budget's row is what the engine gives for that session alone. A
+    random-weight model of the real shape keeps it fast (the embedded model: tests/test_answering_cli.py)."""
+    from hogwild.models import random_model
+
+    engine = Engine(random_model("tiny-qwen2"))
+    cfg = ev.EvalConfig(dataset=str(TINY), out=tmp_path, budgets=(2, 3), layouts=(), answering=True,
+                        baselines=("nothink",), batch=4)
+    summary = ev.evaluate(cfg, lambda: engine).to_json()
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 2
+    by = {(r["id"], r["method"], r["budget"]): r for r in rows}
+    for (pid, method, budget), row in by.items():
+        assert 1 <= row["forward_passes"] <= budget and row["probe_passes"] is not None
+        assert row["seed"] == ev.derive_seed(0, pid, method)  # every budget of a (problem, method): one seed
+        assert row["correct"] == ev.check_answer(row["answer"], row["reference"])[0]
+        if method == "nothink":  # the writer starts at once
+            assert row["first_answer_passes"] == 1 and row["first_answer_s"] > 0
+    for budget in ("2", "3"):
+        nothink = summary["methods"]["nothink"][budget]
+        assert nothink["n"] == 3 and nothink["first_answer_passes"] == 1.0 and nothink["writer_started"] == 1.0
+        answering = summary["methods"]["answering"][budget]
+        assert answering["n"] == 3 and 1 <= answering["first_answer_passes"] <= int(budget)
+        assert 0 <= answering["writer_started"] <= 1
+    assert not engine.runner.cache.blocks  # every session's blocks are freed
+
+    problem = ev.load_problems(TINY, limit=1)[0]
+    alone = [e.result for e in engine.stream_answer(problem.problem, thinkers=1, budget=2, sampling=cfg.sampling(),
+                                                    seed=ev.derive_seed(0, problem.id, "answering"))
+             if isinstance(e, DoneEvent)][0]
+    row = by[(problem.id, "answering", 2)]
+    assert (row["answer"], row["forward_passes"], row["tokens"]) == (alone.answer, alone.forward_passes,
+                                                                     alone.tokens_generated)
+    before = (tmp_path / "results.jsonl").read_text()
+    assert ev.evaluate(cfg, lambda: pytest.fail("nothing is left to run")).to_json() == summary
+    assert (tmp_path / "results.jsonl").read_text() == before

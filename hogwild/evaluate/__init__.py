@@ -1,13 +1,19 @@
 """``hogwild eval``: accuracy against the budget of sequential forward passes, with baselines.
 
-Every (problem, method) is run once up to the largest budget and snapshotted at every budget
-(the state after that many forward passes, finished by the finisher when no worker has answered
-yet), so one run gives a row per budget. Methods:
+Every (problem, method) of hogwild sessions is run once up to the largest budget and snapshotted
+at every budget (the state after that many forward passes, finished by the finisher when no worker
+has answered yet), so one run gives a row per budget. Methods:
 
 - a hogwild layout (``combined``, ``contiguous``, ``interleaved``) with K workers;
-- ``single``: one worker with the same forward-pass budget;
+- ``answering`` (``--answering``): answer while thinking, a writer and ``--thinkers`` thinkers;
+- ``single``: one worker with the same forward-pass budget (think, then answer);
 - ``independent``: K workers that never see each other; the answer is the majority vote of their
-  answers (self-consistency), equal answers grouped by math-verify.
+  answers (self-consistency), equal answers grouped by math-verify;
+- ``nothink``: the writer alone, answering at once (no thinking).
+
+``answering`` and ``nothink`` run one session per budget, all of a (problem, method) in flight
+together (their sessions have no snapshots: the budget decides when the writer is cut off); their
+rows add the forward passes and seconds to the writer's first answer token.
 
 ``single`` and ``independent`` come from one batched run of K one-worker sessions (seeds derived
 from ``--seed``): ``single`` is the first of them, ``independent`` votes over all K. Answers are
@@ -37,7 +43,7 @@ from typing import Any
 
 from .. import Engine
 from ..cli_args import add_model_arguments, load_from_args, runner_options
-from .config import BASELINES, HOGWILD_LAYOUTS, EvalConfig
+from .config import ANSWERING, BASELINES, DEFAULT_BASELINES, HOGWILD_LAYOUTS, EvalConfig
 from .data import DATASETS, Problem, data_dir, load_problems, resolve_dataset
 from .grading import check_answer, majority_vote
 from .report import Summary, SummaryCell, plot_accuracy, plot_collaboration, print_table, summarize
@@ -45,9 +51,10 @@ from .run import ProblemRun, derive_seed, method_groups, run_problems
 from .store import ResultRow, append_curve, append_rows, check_run_info, latest, read_curves, read_rows
 
 __all__ = [
-    "BASELINES", "DATASETS", "HOGWILD_LAYOUTS", "EvalConfig", "Problem", "ProblemRun", "ResultRow", "Summary",
-    "SummaryCell", "check_answer", "data_dir", "derive_seed", "evaluate", "load_problems", "majority_vote",
-    "read_curves", "read_rows", "register", "resolve_dataset", "run_problems", "summarize",
+    "ANSWERING", "BASELINES", "DATASETS", "DEFAULT_BASELINES", "HOGWILD_LAYOUTS", "EvalConfig", "Problem",
+    "ProblemRun", "ResultRow", "Summary", "SummaryCell", "check_answer", "data_dir", "derive_seed", "evaluate",
+    "load_problems", "majority_vote", "read_curves", "read_rows", "register", "resolve_dataset", "run_problems",
+    "summarize",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,7 +135,7 @@ def _budgets(text: str) -> tuple[int, ...]:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "eval", help="accuracy against forward passes: hogwild layouts vs one worker and independent workers",
+        "eval", help="accuracy against forward passes: hogwild layouts and answer while thinking vs baselines",
         description="Accuracy against the budget of sequential forward passes, with baselines; "
                     "resumable (a rerun with the same --out skips finished runs).",
     )
@@ -137,8 +144,11 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="K: workers of each layout and of 'independent'")
     p.add_argument("--layouts", type=_names, default=("combined",),
                    help=f"comma-separated, from {', '.join(HOGWILD_LAYOUTS)} ('' for none)")
-    p.add_argument("--baselines", type=_names, default=BASELINES,
-                   help="comma-separated, from single, independent ('' for none)")
+    p.add_argument("--baselines", type=_names, default=DEFAULT_BASELINES,
+                   help=f"comma-separated, from {', '.join(BASELINES)} (default: single,independent; '' for none)")
+    p.add_argument("--answering", action="store_true",
+                   help="also run 'answering': a writer answers while --thinkers think (a run per budget)")
+    p.add_argument("--thinkers", type=int, default=1, help="thinkers of 'answering', 1 to 8")
     p.add_argument("--budgets", type=_budgets, default=(128, 256, 512), help="forward-pass budgets to snapshot")
     p.add_argument("--seed", type=int, default=0, help="base of the per-(problem, method) seeds")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
@@ -162,7 +172,7 @@ def run_eval(args) -> int:
         workers=args.workers, layouts=args.layouts, baselines=args.baselines, budgets=args.budgets,
         seed=args.seed, temperature=args.temperature, top_p=args.top_p, collab_every=args.collab_every,
         model=args.model, dtype=args.dtype or ("bfloat16" if args.quantize else "float32"), quantize=args.quantize,
-        batch=args.batch, collab_stats=args.collab_stats,
+        batch=args.batch, collab_stats=args.collab_stats, answering=args.answering, thinkers=args.thinkers,
     )
     config.sampling()  # bad temperature / top-p fail here, before anything runs
 

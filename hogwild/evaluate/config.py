@@ -1,8 +1,9 @@
 """What an evaluation runs: ``EvalConfig`` (checked before anything loads) and the method names.
 
-A method is a hogwild layout (K workers in one session) or a baseline (``single``: one worker;
-``independent``: K one-worker sessions and a majority vote). Budgets are counts of sequential
-forward passes.
+A method is a hogwild layout (K workers in one session), ``answering`` (answer while thinking: a
+writer and ``thinkers`` thinkers) or a baseline (``single``: one worker; ``independent``: K
+one-worker sessions and a majority vote; ``nothink``: the writer alone, no thinking). Budgets are
+counts of sequential forward passes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from .. import InputError, SamplingParams
 from .data import DATASETS
 
 HOGWILD_LAYOUTS = ("combined", "contiguous", "interleaved")
-BASELINES = ("single", "independent")
+BASELINES = ("single", "independent", "nothink")
+DEFAULT_BASELINES = ("single", "independent")
+#: Baselines of one-worker hogwild sessions (run together, from one batch of K sessions).
+SOLO = ("single", "independent")
+#: Methods run as answer-while-thinking sessions, one session per budget: with ``thinkers``, and none.
+ANSWERING = ("answering", "nothink")
 #: Settings a resumed run must share with the rows already in DIR.
-RUN_KEYS = ("dataset", "model", "dtype", "quantize", "workers", "seed", "temperature", "top_p", "collab_every")
+RUN_KEYS = ("dataset", "model", "dtype", "quantize", "workers", "seed", "temperature", "top_p", "collab_every",
+            "thinkers")
+#: Settings run.json gained later, with the value that runs written before them had.
+LEGACY_RUN_INFO = {"thinkers": 1}
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,7 @@ class EvalConfig:
     limit: int | None = None
     workers: int = 2
     layouts: tuple[str, ...] = ("combined",)
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
     budgets: tuple[int, ...] = (128, 256, 512)
     seed: int = 0
     temperature: float = 0.6
@@ -40,10 +49,12 @@ class EvalConfig:
     quantize: str | None = None  # --quantize (hogwild.models.quantize.SCHEMES)
     batch: int = 1  # runs in flight at once, their workers sharing each forward pass
     collab_stats: bool = False  # attention shares every pass (collab.jsonl, collaboration.png)
+    answering: bool = False  # the "answering" method: answer while thinking
+    thinkers: int = 1  # its thinkers beside the writer
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return self.layouts + self.baselines
+        return self.layouts + (("answering",) if self.answering else ()) + self.baselines
 
     @property
     def label(self) -> str:
@@ -70,6 +81,11 @@ class EvalConfig:
             raise InputError(f"--workers must be at least 1, got {self.workers}")
         if self.batch < 1:
             raise InputError(f"--batch must be at least 1, got {self.batch}")
+        if not 1 <= self.thinkers <= 8:
+            raise InputError(f"--thinkers must be between 1 and 8, got {self.thinkers} "
+                             "(--baselines nothink is the run without thinking)")
+        if self.thinkers != 1 and not self.answering:
+            raise InputError("--thinkers needs --answering")
 
     def sampling(self) -> SamplingParams:
         """Every run's sampling settings; raises InputError for a bad temperature or top-p."""
@@ -80,5 +96,5 @@ class EvalConfig:
         return {
             "dataset": self.label, "model": self.model or "embedded", "dtype": self.dtype, "quantize": self.quantize,
             "workers": self.workers, "seed": self.seed, "temperature": self.temperature,
-            "top_p": self.top_p, "collab_every": self.collab_every,
+            "top_p": self.top_p, "collab_every": self.collab_every, "thinkers": self.thinkers,
         }

@@ -1,10 +1,13 @@
 """Running (problem, method group) pairs on the shared batching loop (``hogwild.BatchLoop``).
 
-A ``ProblemRun`` is one pair in flight: a hogwild layout (one session of K workers) or the
-baselines (one-worker sessions: the first is ``single``, all K vote for ``independent``). Up to
-``EvalConfig.batch`` runs are in flight at once, every worker of every run in one forward pass per
-step. Each run is snapshotted at every budget (forward passes) and gives a ``ResultRow`` per
-method and budget when it is done.
+A ``ProblemRun`` is one pair in flight: a hogwild layout (one session of K workers), the
+one-worker baselines (the first session is ``single``, all K vote for ``independent``), or
+``answering`` / ``nothink`` (answer-while-thinking sessions, one per budget: they have no snapshots,
+since the finisher and the writer's end depend on the budget; runs of one seed share their prefix).
+Up to ``EvalConfig.batch`` runs are in flight at once, every row of every run in one forward pass
+per step. Each hogwild session is snapshotted at every budget (forward passes); each answering
+session gives its one snapshot when it ends. A run gives a ``ResultRow`` per method and budget when
+it is done.
 """
 
 from __future__ import annotations
@@ -16,8 +19,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import BatchLoop, CollabEvent, ContextOverflowError, Session, SnapshotEvent, SolveConfig, collaboration
-from .config import BASELINES, HOGWILD_LAYOUTS, EvalConfig
+from .. import (
+    AnsweringConfig,
+    AnsweringSession,
+    BatchLoop,
+    CollabEvent,
+    ContextOverflowError,
+    Result,
+    Session,
+    SnapshotEvent,
+    SolveConfig,
+    collaboration,
+)
+from .config import ANSWERING, HOGWILD_LAYOUTS, SOLO, EvalConfig
 from .data import Problem
 from .grading import check_answer, majority_vote
 from .store import ResultRow, rounded_mean
@@ -36,11 +50,18 @@ class Snapshot:
     tokens: int
     elapsed_s: float
     collaboration: dict = field(default_factory=dict)
+    answering: dict = field(default_factory=dict)  # Result.answering of an answering session
 
     @classmethod
     def of(cls, event: SnapshotEvent) -> Snapshot:
         return cls(event.budget, event.answer, event.answered_by, event.forward_passes,
                    event.tokens_generated, event.elapsed_s, event.collaboration)
+
+    @classmethod
+    def at_end(cls, budget: int, result: Result) -> Snapshot:
+        """An answering session's result at the end of its run with this budget."""
+        return cls(budget, result.answer, result.answered_by, result.forward_passes, result.tokens_generated,
+                   result.elapsed_s, answering=result.answering)
 
 
 @dataclass
@@ -50,8 +71,8 @@ class ProblemRun:
     problem: Problem
     group: list[str]
     seeds: list[int]
-    sessions: list[Session]
-    snapshots: list[list[Snapshot]]  # per session, one per budget reached
+    sessions: list[Session | AnsweringSession]
+    snapshots: list[list[Snapshot]]  # per session, one per budget reached (answering: one, at its end)
     others: list[float] = field(default_factory=list)  # collab_stats: share on others per pass (session 0)
 
     @property
@@ -70,14 +91,21 @@ def derive_seed(seed: int, problem_id: str, label: str) -> int:
 
 
 def method_groups(methods: Sequence[str]) -> list[list[str]]:
-    """How methods run: each hogwild layout alone, the baselines together in one run."""
-    baselines = [m for m in methods if m in BASELINES]
-    return [[m] for m in methods if m in HOGWILD_LAYOUTS] + ([baselines] if baselines else [])
+    """How methods run: each hogwild layout and answering method alone, single and independent
+    together in one run."""
+    solo = [m for m in methods if m in SOLO]
+    return [[m] for m in methods if m in HOGWILD_LAYOUTS or m in ANSWERING] + ([solo] if solo else [])
 
 
 def open_run(engine, problem: Problem, group: Sequence[str], config: EvalConfig) -> ProblemRun:
     """The sessions of one (problem, group) run, not started yet. Raises ContextOverflowError."""
     budgets = tuple(sorted(config.budgets))
+    if group[0] in ANSWERING:  # one session per budget, the same seed
+        seed = derive_seed(config.seed, problem.id, group[0])
+        thinkers = config.thinkers if group[0] == "answering" else 0
+        sessions = [engine.answering_session(problem.problem, AnsweringConfig(thinkers, b, config.sampling(), seed))
+                    for b in budgets]
+        return ProblemRun(problem, list(group), [seed] * len(budgets), sessions, [[] for _ in budgets])
     if group[0] in HOGWILD_LAYOUTS:
         seeds = [derive_seed(config.seed, problem.id, group[0])]
         workers, layout = config.workers, group[0]
@@ -98,6 +126,8 @@ def open_run(engine, problem: Problem, group: Sequence[str], config: EvalConfig)
 def result_rows(run: ProblemRun) -> list[ResultRow]:
     """The rows of a finished run: one per method and budget."""
     problem, snapshots = run.problem, run.snapshots
+    if run.group[0] in ANSWERING:
+        return [_row(problem, run.group[0], s, run.seeds[0]) for snaps in snapshots for s in snaps]
     if run.group[0] in HOGWILD_LAYOUTS:
         return [_row(problem, run.group[0], s, run.seeds[0], measures=True) for s in snapshots[0]]
     rows = []
@@ -123,10 +153,12 @@ def _row(problem: Problem, method: str, snap: Snapshot, seed: int, votes: list |
         dup = rounded_mean([d["ngram_overlap"] for d in snap.collaboration["duplication"].values()])
         if "attention" in snap.collaboration:
             attention = rounded_mean([collaboration.on_others(a) for a in snap.collaboration["attention"].values()])
+    metrics = snap.answering
     return ResultRow(
         problem.id, method, snap.budget, snap.answer, extracted, problem.answer, correct, snap.answered_by,
         snap.tokens, snap.forward_passes, round(snap.elapsed_s, 3), seed, votes, duplication=dup,
-        others_attention=attention,
+        others_attention=attention, first_answer_passes=metrics.get("first_answer_passes"),
+        first_answer_s=metrics.get("first_answer_s"), probe_passes=metrics.get("probe_passes"),
     )
 
 
@@ -152,7 +184,7 @@ def run_problems(
     ``on_curve`` (with ``collab_stats``) each done hogwild run, whose ``others`` holds its share on
     others per pass."""
     loop = BatchLoop(engine.runner)
-    owner: dict[Session, tuple[ProblemRun, int]] = {}  # session -> (its run, its index in the run)
+    owner: dict[Session | AnsweringSession, tuple[ProblemRun, int]] = {}  # session -> (its run, its index in it)
     queue = iter(todo)
     active: list[ProblemRun] = []
     try:
@@ -180,6 +212,8 @@ def run_problems(
                         run.others += [rounded_mean([collaboration.on_others(s) for s in e.shares.values()])
                                        for e in got.events if isinstance(e, CollabEvent)]
                     run.snapshots[i] += [Snapshot.of(e) for e in got.events if isinstance(e, SnapshotEvent)]
+                    if isinstance(session, AnsweringSession) and session.done and not run.snapshots[i]:
+                        run.snapshots[i].append(Snapshot.at_end(session.config.budget, session.result()))
                 for run in [run for run in active if run.done]:
                     active.remove(run)
                     for session in run.sessions:

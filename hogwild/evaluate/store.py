@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import InputError
-from .config import RUN_KEYS, EvalConfig
+from .config import LEGACY_RUN_INFO, RUN_KEYS, EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,10 @@ class ResultRow:
     ``answer`` is the raw answer (a worker's \\boxed{} content, the finisher's or the vote's),
     ``extracted`` what math-verify made of it. For ``independent``, ``votes`` holds each worker's
     answer, ``tokens`` their sum and ``forward_passes`` the largest. ``elapsed_s`` is the wall time
-    of the run up to that snapshot (for single/independent: the one batched run of both).
+    of the run up to that snapshot (for single/independent: the one batched run of both). For
+    ``answering`` and ``nothink`` (a run per budget): ``first_answer_passes`` and ``first_answer_s``,
+    the forward passes and seconds to the writer's first token (None: the writer wrote nothing, the
+    finisher answered at the end), and ``probe_passes``, the extra passes of the probes.
     """
 
     id: str
@@ -43,6 +46,9 @@ class ResultRow:
     error: str | None = None
     duplication: float | None = None  # hogwild layouts: mean over workers of the 8-gram overlap
     others_attention: float | None = None  # with --collab-stats: mean share on others' current steps
+    first_answer_passes: int | None = None
+    first_answer_s: float | None = None
+    probe_passes: int | None = None
 
     def key(self) -> tuple[str, str, int]:
         return self.id, self.method, self.budget
@@ -94,7 +100,7 @@ def check_run_info(out: Path, config: EvalConfig) -> None:
     path = out / "run.json"
     info = config.run_info()
     if path.exists():
-        old = json.loads(path.read_text())
+        old = LEGACY_RUN_INFO | json.loads(path.read_text())
         diff = [f"{k}: {old.get(k)!r} there, {info[k]!r} now" for k in RUN_KEYS if old.get(k) != info[k]]
         if diff:
             raise InputError(f"{out} holds results of other settings ({'; '.join(diff)}); use another --out")
