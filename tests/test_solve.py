@@ -144,14 +144,15 @@ def test_bad_input_cli(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_cli_json_and_transcript(capsys, tmp_path):
+def test_cli_json_and_transcript(capsys, tmp_path, model):
     transcript = tmp_path / "run.md"
     code = main(["solve", PROBLEM, "--workers", "2", "--budget", "16", "--json", "--transcript", str(transcript),
                  "--collab-stats"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"answer", "workers", "history", "forward_passes", "tokens_generated", "elapsed_s",
-                         "timings", "model", "layout", "collaboration"}
+                         "timings", "model", "weights", "layout", "collaboration"}
+    assert data["weights"] == {"quantization": None, "bytes": model.weight_bytes}
     collaboration = data["collaboration"]
     assert set(collaboration) == {"attention", "duplication"}
     for name, other in (("Alice", "Bob"), ("Bob", "Alice")):

@@ -103,6 +103,8 @@ def test_solve_transcript_equals_one_process(tiny_models, case):
     one, many = both(args, ranks)
     for out in (one, many):
         out.pop("elapsed_s"), out.pop("timings")  # wall times differ, everything else must not
+    one_weights, rank0_weights = one.pop("weights"), many.pop("weights")  # under --tp: rank 0's shard
+    assert 0 < rank0_weights["bytes"] < one_weights["bytes"]
     assert one["forward_passes"] == 6 and all(w["text"] for w in one["workers"])
     assert many == one
 

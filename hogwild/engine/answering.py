@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cache import Block
-from ..errors import CacheFullError, InputError
+from ..errors import CacheFullError, ContextOverflowError, InputError
 from ..protocol import text as rules
 from ..protocol.answering import AnsweringProtocol
 from ..protocol.prompts import DEFAULT_NAMES
@@ -135,6 +135,15 @@ class AnsweringSession:
         self._blocks: list[Block] = []
         self._events: list[Event] = []
         self._bound: int | None = None
+        self.ended: float | None = None  # perf_counter when the run ended
+        self._texts = self._layout_texts()
+        longest = max(len(self._texts[0]) + len(self._texts[2]), len(self._texts[1]) + len(self._texts[3]))
+        room = runner.model.max_positions - 64
+        if longest > room:
+            raise ContextOverflowError(
+                f"the problem takes {longest} tokens with its prompts; the model's context of "
+                f"{runner.model.max_positions} leaves room for at most {room}"
+            )
 
     # -- set-up --------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -150,6 +159,23 @@ class AnsweringSession:
         block = self.cache.new_block(name)
         self._blocks.append(block)
         return block
+
+    def _layout_texts(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Token ids of the thinker prompt, the writer prompt, the thinker split and the writer split."""
+        p, k = self.protocol, self.config.thinkers
+        names = DEFAULT_NAMES[:k]
+        end = p.end_of_thinking
+        system = (p.thinker_system.format(end=end) if k == 1 else
+                  p.thinkers_system.format(end=end, count=k, names=", ".join(names)))
+        think_open, think_close = ("<think>\n", "</think>\n\n") if self.markers else (p.think_open, p.think_close)
+        thinker_prompt = self._prompt(system, p.draft_intro)
+        writer_prompt = self._prompt(p.writer_system, think_open)
+        thinker_split = self._ids(p.thinker_split + ("<think>\n" if self.markers else ""))
+        writer_split = self._ids(p.writer_split + think_close)
+        if not k:  # no thinking: an empty thinking section (reasoning markers), else straight to the answer
+            writer_prompt = self._prompt(p.writer_system, "<think>\n" if self.markers else "")
+            writer_split = self._ids(think_close if self.markers else p.think_close.lstrip())
+        return thinker_prompt, writer_prompt, thinker_split, writer_split
 
     def token_bound(self) -> int:
         """Pool slots this session needs at most: prompts, splits, every role's budget, a probe and
@@ -175,21 +201,7 @@ class AnsweringSession:
         t0 = time.perf_counter()
         p, k = self.protocol, self.config.thinkers
         names = DEFAULT_NAMES[:k]
-        end = p.end_of_thinking
-        system = (p.thinker_system.format(end=end) if k == 1 else
-                  p.thinkers_system.format(end=end, count=k, names=", ".join(names)))
-        think_open, think_close = ("<think>\n", "</think>\n\n") if self.markers else (p.think_open, p.think_close)
-        thinker_prompt = self._prompt(system, p.draft_intro)
-        writer_prompt = self._prompt(p.writer_system, think_open)
-        thinker_split = self._ids(p.thinker_split + ("<think>\n" if self.markers else ""))
-        writer_split = self._ids(p.writer_split + think_close)
-        if not k:  # no thinking: an empty thinking section (reasoning markers), else straight to the answer
-            writer_prompt = self._prompt(p.writer_system, "<think>\n" if self.markers else "")
-            writer_split = self._ids(think_close if self.markers else p.think_close.lstrip())
-        room = self.runner.model.max_positions - 64
-        if max(len(thinker_prompt), len(writer_prompt)) > room:
-            raise InputError(f"the problem with its prompts takes more than the model's context of "
-                             f"{self.runner.model.max_positions} positions")
+        thinker_prompt, writer_prompt, thinker_split, writer_split = self._texts
         self.tp, self.wp = self._block("thinker prompt"), self._block("writer prompt")
         if k:
             self.runner.prefill([self.tp], thinker_prompt)
@@ -340,6 +352,7 @@ class AnsweringSession:
         r"""End the run now: the oxed{} answer the writer wrote, or else the finisher's from its view."""
         self.done = True
         self.answer, self.answered_by = self.writer_answer(), "Writer"
+        self.ended = time.perf_counter()
         if self.answer is None:
             self.answer, self.answered_by = self._finisher(), "finisher"
         return [AnswerEvent(self.answer, self.answered_by, self.forward_passes)]
@@ -348,7 +361,8 @@ class AnsweringSession:
         return []
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds from the start to now, or to the end once the run has ended."""
+        return (self.ended or time.perf_counter()) - self.started
 
     def metrics(self) -> dict:
         """Time and passes to the first answer token, answer speed, the writer's pauses, probes."""
