@@ -157,6 +157,15 @@ class SharedCache:
     def free_tokens(self) -> int:
         return len(self.free_pages) * self.page_size
 
+    def require_free(self, tokens: int, what: str) -> None:
+        """CacheFullError, with nothing taken, when fewer than ``tokens`` slots are free; ``what``
+        says who may need them (a session checks this before any work)."""
+        if tokens > self.free_tokens:
+            raise CacheFullError(
+                f"the KV cache has {self.free_tokens} free token slots of {self.capacity_tokens}; {what} may need "
+                f"up to {tokens}; give the cache more memory (--kv-memory) or lower the budget"
+            )
+
     def nbytes(self) -> int:
         """Bytes of K/V of the tokens held by all live blocks (what the method needs)."""
         return self.bytes_per_token * sum(b.length for b in self.blocks.values())

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cache import Block
-from ..errors import CacheFullError, ContextOverflowError, InputError
+from ..errors import ContextOverflowError, InputError
 from ..protocol import text as rules
 from ..protocol.answering import AnsweringProtocol
 from ..protocol.prompts import DEFAULT_NAMES
@@ -191,13 +191,8 @@ class AnsweringSession:
         """Prefill the prompts and splits (two passes), open the roles. Raises CacheFullError before
         any work when the pool has fewer free slots than ``token_bound`` (a server keeps the session
         waiting and starts it again later)."""
-        need = self.token_bound()
-        if need > self.cache.free_tokens:
-            raise CacheFullError(
-                f"the KV cache has {self.cache.free_tokens} free token slots of {self.cache.capacity_tokens}; "
-                f"this run may need up to {need} ({self.config.thinkers} thinkers and a writer, a budget of "
-                f"{self.config.budget} passes); give the cache more memory (--kv-memory) or lower the budget"
-            )
+        self.cache.require_free(self.token_bound(), f"this run ({self.config.thinkers} thinkers and a writer, a "
+                                                    f"budget of {self.config.budget} passes)")
         t0 = time.perf_counter()
         p, k = self.protocol, self.config.thinkers
         names = DEFAULT_NAMES[:k]

@@ -19,7 +19,7 @@ import jinja2
 import torch
 
 from ..cache import Block
-from ..errors import CacheFullError, ContextOverflowError, InputError
+from ..errors import ContextOverflowError, InputError
 from ..protocol import text as rules
 from ..protocol.layouts import HISTORY_LAYOUTS, LAYOUTS, SharedBlocks, finisher_view, view
 from ..protocol.prompts import ProtocolConfig
@@ -207,13 +207,8 @@ class Session:
 
         Raises CacheFullError before any work when the pool has fewer free slots than
         ``token_bound`` (a server keeps such a session waiting)."""
-        need = self.token_bound()
-        if need > self.cache.free_tokens:
-            raise CacheFullError(
-                f"the KV cache has {self.cache.free_tokens} free token slots of {self.cache.capacity_tokens}; "
-                f"this run may need up to {need} ({self.config.workers} workers, a budget of "
-                f"{self.config.budget} passes); give the cache more memory (--kv-memory) or lower the budget"
-            )
+        self.cache.require_free(self.token_bound(), f"this run ({self.config.workers} workers, a budget of "
+                                                    f"{self.config.budget} passes)")
         t0 = time.perf_counter()
         p = self.protocol
         prompt_ids = self.prompt_ids
