@@ -50,11 +50,12 @@ from .errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from .models import LoadedModel, load_model, ordinary_attention
+from .models import RANDOM_CONFIGS, LoadedModel, load_model, ordinary_attention
 from .sampling import Sampler, SamplingParams
 
 __all__ = [
     "MAX_THINKERS",
+    "RANDOM_CONFIGS",
     "AnswerEvent",
     "AnsweringConfig",
     "AnsweringSession",
