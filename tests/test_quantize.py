@@ -202,7 +202,7 @@ def test_prequantized_checkpoint_matches_its_dequantized_weights_and_decodes(met
         prompt = loaded.tokenizer(PROMPT, add_special_tokens=False).input_ids
         runner = Runner.for_model(loaded)
         block = runner.cache.new_block("prompt")
-        logits = runner.forward([WorkerStep(prompt, [block])])[0]
+        logits = runner.forward([WorkerStep(prompt, [block])]).logits[0]
         runner.cache.free(block)
         with torch.no_grad():
             want = dense(torch.tensor([prompt])).logits[0, -1]

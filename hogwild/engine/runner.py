@@ -185,7 +185,7 @@ class Runner:
         if model.tp is not None:  # tensor parallel: the other ranks mirror this pool; graphs not captured yet
             model.tp.mirror_cache(cache, backend.name)
             graphs = False
-        refusal = f"it runs with a fused-decoder backend only (triton), not {backend.name}"
+        refusal = f"it runs with the triton backend only (a fused-decoder backend), not {backend.name}"
         if backend.fused_decoder:  # (the lean decoder's module needs triton: not imported otherwise)
             from ..layers.lean import lean_refusal
 
