@@ -344,7 +344,7 @@ class AnsweringSession:
             self.timings["finisher"] += time.perf_counter() - t0
 
     def finish(self) -> list[Event]:
-        r"""End the run now: the oxed{} answer the writer wrote, or else the finisher's from its view."""
+        r"""End the run now: the \boxed{} answer the writer wrote, or else the finisher's from its view."""
         self.done = True
         self.answer, self.answered_by = self.writer_answer(), "Writer"
         self.ended = time.perf_counter()
